@@ -1,0 +1,62 @@
+"""The Dynamo backend: rewrite the captured graph, then hand it to the downstream compiler."""
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import compat, report
+from .options import Options
+from .passes import PassContext, run_passes
+
+_graph_counter = itertools.count()
+
+
+def reset_graph_counter() -> None:
+    global _graph_counter
+    _graph_counter = itertools.count()
+
+
+def tilepass_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict[str, Any] | Options | None = None,
+    mode: str | None = None,
+    **kwargs: Any,
+) -> Callable[..., Any]:
+    """``torch.compile(model, backend="tilepass", options={...})``.
+
+    ``options`` are validated by :class:`tilepass.Options`; ``mode`` (from
+    ``torch.compile(mode=...)``) is passed on to inductor.
+    """
+    compat.check_supported_torch()
+    opts = Options.parse(options, **kwargs)
+    ctx = PassContext(opts, next(_graph_counter))
+    run_passes(gm, ctx)
+    report.add(ctx.records)
+    report.logger.info("tilepass: %s", report.summarize(ctx.graph_index, ctx.records))
+    return compile_downstream(gm, example_inputs, opts.downstream, mode)
+
+
+def compile_downstream(gm: fx.GraphModule, example_inputs: Sequence[Any], downstream: str, mode: str | None) -> Callable[..., Any]:
+    if downstream == "eager":
+        return gm.forward
+    if downstream == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = torch._inductor.list_mode_options(mode) if mode else None
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def backend(**options: Any) -> Callable[..., Any]:
+    """A configured backend: ``torch.compile(model, backend=tilepass.backend(num_tiles=4))``."""
+    opts = Options.parse(options)
+    fn = functools.partial(tilepass_backend, options=opts)
+    functools.update_wrapper(fn, tilepass_backend)
+    return fn

@@ -1,0 +1,63 @@
+"""Every torch-version and torch-internals dependency of tilepass, in one place.
+
+Other modules ask this one a question ("can flex attention run a backward here?",
+"give me a context where autograd records inside a custom op") instead of reading
+``torch.__version__`` themselves, so that each branch can be unit-tested by
+monkeypatching :data:`TORCH_VERSION`.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterator
+
+import torch
+
+MIN_TORCH = (2, 6)
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """``"2.13.0+cpu"`` -> ``(2, 13, 0)``; pre-release suffixes are ignored."""
+    m = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not m:
+        raise ValueError(f"cannot parse a torch version from {text!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+TORCH_VERSION: tuple[int, int, int] = parse_version(torch.__version__)
+
+
+def torch_at_least(major: int, minor: int, patch: int = 0) -> bool:
+    return TORCH_VERSION >= (major, minor, patch)
+
+
+def check_supported_torch() -> None:
+    """Raise a clear error on a torch older than tilepass supports."""
+    if TORCH_VERSION[:2] < MIN_TORCH:
+        have = ".".join(map(str, TORCH_VERSION))
+        need = ".".join(map(str, MIN_TORCH))
+        raise RuntimeError(f"tilepass needs torch>={need}; this environment has torch {have}")
+
+
+# Dispatch keys that a custom op's kernel runs with excluded (the autograd layer sits
+# above it). The tiled backward recomputes one tile with autograd, so it lifts exactly
+# these exclusions again, and nothing else: autocast keys stay as the caller set them.
+_AUTOGRAD_KEYS = ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor")
+
+
+@contextlib.contextmanager
+def autograd_inside_custom_op() -> Iterator[None]:
+    """Let autograd record ops inside the body of a ``torch.library.custom_op``.
+
+    A custom op's kernel is dispatched below the autograd key, so ``torch.enable_grad()``
+    alone records nothing there. This re-includes the autograd keys in the thread-local
+    dispatch state for the duration of the block.
+    """
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in _AUTOGRAD_KEYS:
+        key = getattr(torch._C.DispatchKey, name, None)
+        if key is not None:
+            exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield

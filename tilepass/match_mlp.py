@@ -1,0 +1,221 @@
+"""Find dense MLPs in a Dynamo graph, from the graph alone.
+
+An MLP here is a *down* projection whose token input is computed, through row-wise ops
+only, from one or more *up* projections that all read the same tensor ``x``::
+
+    x ─┬─ up_1 ─┐
+       ├─ up_2 ─┼─ (activation, gating, chunking, casts...) ─ down ─> y
+       └─ ...  ─┘
+
+This covers SwiGLU/GeGLU (gate, up), fused gate_up + chunk (Phi-3), and plain two-layer
+MLPs (GELU exact/tanh/spelled out, ReLU, SiLU), with or without biases, whether the
+projections are ``linear`` or ``view/addmm/view`` (GPT-2's Conv1D). Instead of a list of
+model shapes there is one rule: every op between the projections must act row-wise on
+tokens (:mod:`tilepass.rowwise`), and nothing outside may read an intermediate. A
+candidate that breaks the rule is returned as a :class:`Rejection` with the reason.
+
+This module knows nothing of tiling; it only says what is there.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch.fx as fx
+
+from . import rowwise
+from .fx_utils import arg_nodes, common_module, example_value, leading_numel, op_name, tensor_value
+
+# A walk from a projection back through more nodes than this is not an MLP (it is the
+# residual stream reaching back through the model).
+_MAX_REGION_NODES = 64
+
+
+@dataclasses.dataclass
+class MlpMatch:
+    source: fx.Node  # the tensor every up projection reads (before token reshapes)
+    ups: list[fx.Node]
+    inner: list[fx.Node]  # ops between the ups and the down, in graph order
+    down: fx.Node
+    output: fx.Node  # down, or the view after it that restores the token dims
+    params: list[fx.Node]  # external inputs (weights, biases...), in first-use order
+    pattern: str
+    module: str
+    num_tokens: Any
+    in_features: int
+    intermediate: int  # total width of the up projections
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        region = set(self.ups) | set(self.inner) | {self.down, self.output}
+        return [n for n in self.down.graph.nodes if n in region]
+
+
+@dataclasses.dataclass
+class Rejection:
+    anchor: fx.Node
+    reason: str
+    module: str
+    pattern: str
+    nodes: list[fx.Node]
+
+
+def _strip_token_views(node: fx.Node, num_tokens: Any) -> fx.Node:
+    """Follow ``view``/``reshape`` that only flatten or restore token dims back to their source."""
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
+        if rowwise.classify(node, num_tokens).kind != "view":
+            break
+        node = node.args[0]
+    return node
+
+
+def _walk_back(down: fx.Node, num_tokens: Any) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """Nodes between the ups and ``down`` (inner) and the ups; None if not MLP-shaped."""
+    start = rowwise.projection_input(down, num_tokens)
+    stack, inner, ups, seen = [start], [], [], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if rowwise.projection_input(n, num_tokens) is not None:
+            ups.append(n)
+            continue
+        if n.op not in ("call_function", "call_method") or len(inner) >= _MAX_REGION_NODES:
+            return None  # the token data comes from somewhere other than a projection
+        inner.append(n)
+        for a in arg_nodes(n):
+            v = example_value(a)
+            if rowwise.is_token_tensor(v, num_tokens) or (
+                isinstance(v, (tuple, list)) and v and all(rowwise.is_token_tensor(t, num_tokens) for t in v)
+            ):
+                stack.append(a)
+    return inner, ups
+
+
+def _pattern(ups: list[fx.Node], inner: list[fx.Node], num_tokens: Any) -> str | None:
+    acts = [a for a in (rowwise.activation_name(n) for n in inner) if a]
+    if not acts:
+        return None
+    names = {op_name(n) for n in inner}
+    act = acts[0]
+    if act == "tanh" and "pow" in names:
+        act = "gelu_tanh"  # GPT-2's NewGELU, spelled out
+    gated = _is_gated(ups, inner, num_tokens)
+    if not gated:
+        return f"mlp_{act}"
+    glu = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu", "relu": "reglu"}.get(act, f"{act}_glu")
+    return f"fused_gate_up_{glu}" if len(ups) == 1 else glu
+
+
+def _is_gated(ups: list[fx.Node], inner: list[fx.Node], num_tokens: Any) -> bool:
+    """A product of two branches of the input (gate x up), not e.g. ``0.5 * x * (1 + tanh(...))``.
+
+    A branch is an up projection, or one piece of a fused projection (a getitem of its
+    chunk/split, or a slice of its features).
+    """
+    roots: dict[fx.Node, frozenset[fx.Node]] = {u: frozenset([u]) for u in ups}
+    for n in inner:  # graph order, so args come first
+        kind = rowwise.classify(n, num_tokens).kind
+        if kind == "getitem":
+            roots[n] = frozenset([n])
+            continue
+        token_args = [a for a in arg_nodes(n) if a in roots]
+        roots[n] = frozenset().union(*(roots[a] for a in token_args)) if token_args else frozenset()
+        if op_name(n) in ("mul", "__mul__") and len(token_args) == 2 and roots[token_args[0]] != roots[token_args[1]]:
+            return True
+    return False
+
+
+def _output_node(down: fx.Node, source: fx.Node, num_tokens: Any) -> fx.Node:
+    """``down``, or the single view after it that gives back the source's token dims."""
+    users = list(down.users)
+    if len(users) == 1 and rowwise.classify(users[0], num_tokens).kind == "view":
+        out, src = tensor_value(users[0]), tensor_value(source)
+        if out is not None and src is not None and tuple(out.shape[:-1]) == tuple(src.shape[:-1]):
+            return users[0]
+    return down
+
+
+def _check(match: MlpMatch, num_tokens: Any) -> str | None:
+    """Why the candidate cannot be tiled exactly, or None."""
+    region = set(match.nodes)
+    for n in match.inner:
+        verdict = rowwise.classify(n, num_tokens)
+        if not verdict.ok:
+            return verdict.reason
+    for n in match.ups + match.inner:
+        outside = [u for u in n.users if u not in region]
+        if outside:
+            return f"`{n.name}` ({op_name(n)}) inside the MLP is also read outside it (by `{outside[0].name}`), so it would have to be kept whole"
+    sources = {_strip_token_views(rowwise.projection_input(u, num_tokens), num_tokens) for u in match.ups}
+    if len(sources) != 1:
+        names = ", ".join(sorted(f"`{s.name}`" for s in sources))
+        return f"the up projections read different inputs ({names})"
+    out, src = tensor_value(match.output), tensor_value(match.source)
+    if out is None or src is None or (out.dim() != 2 and tuple(out.shape[:-1]) != tuple(src.shape[:-1])):
+        return "the output's token dims differ from the input's"
+    return None
+
+
+def find_mlps(graph: fx.Graph) -> tuple[list[MlpMatch], list[Rejection]]:
+    """Every MLP-shaped region: those that can be tiled, and near misses with a reason."""
+    matches: list[MlpMatch] = []
+    rejections: list[Rejection] = []
+    claimed: set[fx.Node] = set()
+    for down in graph.nodes:
+        operands = rowwise.matmul_operands(down)
+        xv = tensor_value(operands[0]) if operands else None
+        if xv is None or xv.dim() < 2:
+            continue
+        num_tokens = leading_numel(xv)
+        if rowwise.projection_input(down, num_tokens) is None:
+            continue
+        walked = _walk_back(down, num_tokens)
+        if walked is None:
+            continue
+        inner, ups = walked
+        inner_set = set(inner)
+        inner = [n for n in graph.nodes if n in inner_set]
+        pattern = _pattern(ups, inner, num_tokens)
+        if not ups or pattern is None:
+            continue  # projections without an activation between them: not an MLP
+        source = _strip_token_views(rowwise.projection_input(ups[0], num_tokens), num_tokens)
+        output = _output_node(down, source, num_tokens)
+        match = MlpMatch(
+            source=source, ups=sorted(ups, key=_order(graph)), inner=inner, down=down, output=output,
+            params=[], pattern=pattern, module="", num_tokens=num_tokens,
+            in_features=int(tensor_value(source).shape[-1]) if tensor_value(source) is not None else 0,
+            intermediate=sum(int(tensor_value(u).shape[-1]) for u in ups),
+        )
+        match.module = common_module(match.nodes)
+        reason = _check(match, num_tokens)
+        if reason is None and claimed & set(match.nodes):
+            reason = "overlaps another MLP region"
+        if reason is not None:
+            rejections.append(Rejection(down, reason, match.module, pattern, match.nodes))
+            continue
+        match.params = _external_inputs(match, num_tokens)
+        claimed |= set(match.nodes)
+        matches.append(match)
+    return matches, rejections
+
+
+def _order(graph: fx.Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: index[n]
+
+
+def _external_inputs(match: MlpMatch, num_tokens: Any) -> list[fx.Node]:
+    """Nodes the region reads that are not token data: weights, biases, feature-wise tensors."""
+    region = set(match.nodes)
+    token_inputs = {rowwise.projection_input(u, num_tokens) for u in match.ups}
+    params: list[fx.Node] = []
+    for n in match.nodes:
+        for a in arg_nodes(n):
+            if a in region or a in params:
+                continue
+            if n in match.ups and a in token_inputs:
+                continue
+            params.append(a)
+    return params

@@ -1,0 +1,81 @@
+"""Backend options: one validated, frozen record.
+
+Options reach the backend as ``torch.compile(model, backend="tilepass", options={...})``
+or as keywords of :func:`tilepass.backend`. Unknown keys and bad values raise one
+:class:`OptionsError` that names the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+DOWNSTREAMS = ("inductor", "aot_eager", "eager")
+
+
+class OptionsError(ValueError):
+    """A tilepass option is unknown or has a bad value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    #: Tiles per region. ``None`` (default): derived from the region's shapes, see
+    #: :func:`default_num_tiles`. Mutually exclusive with ``tile_tokens``.
+    num_tiles: int | None = None
+    #: Tokens per tile (the last tile may be shorter). Mutually exclusive with ``num_tiles``.
+    tile_tokens: int | None = None
+    #: What compiles the rewritten graph: "inductor", "aot_eager" or "eager".
+    downstream: str = "inductor"
+    #: Rewrite dense MLPs (SwiGLU, GeGLU, fused gate_up, plain GELU/ReLU/SiLU MLPs).
+    mlp: bool = True
+    #: Sum weight gradients over tiles in float32 for low-precision parameters. Costs one
+    #: float32 buffer per weight of the region (2x a bf16 weight) during its backward.
+    accumulate_fp32: bool = False
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | "Options" | None = None, **kwargs: Any) -> "Options":
+        if isinstance(options, Options):
+            merged = dataclasses.asdict(options)
+        elif options is None:
+            merged = {}
+        elif isinstance(options, Mapping):
+            merged = dict(options)
+        else:
+            raise OptionsError(f"tilepass options must be a dict, got {type(options).__name__}")
+        merged.update(kwargs)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in merged if k not in valid)
+        if unknown:
+            raise OptionsError(
+                f"unknown tilepass option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(valid)}"
+            )
+        opts = cls(**merged)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        for name in ("num_tiles", "tile_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise OptionsError(f"tilepass option {name!r} must be a positive int or None, got {value!r}")
+        if self.num_tiles is not None and self.tile_tokens is not None:
+            raise OptionsError("set at most one of the tilepass options 'num_tiles' and 'tile_tokens'")
+        if self.downstream not in DOWNSTREAMS:
+            raise OptionsError(
+                f"tilepass option 'downstream' must be one of {', '.join(map(repr, DOWNSTREAMS))}, got {self.downstream!r}"
+            )
+        for name in ("mlp", "accumulate_fp32"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionsError(f"tilepass option {name!r} must be True or False, got {getattr(self, name)!r}")
+
+
+def default_num_tiles(num_tokens: int, in_features: int, intermediate: int) -> int:
+    """Tiles so that one tile's intermediate is about the size of the region's input.
+
+    ``ceil(intermediate / in_features)``, e.g. 8 for Llama-3.2-1B's SwiGLU
+    (gate + up = 2 x 8192 wide, hidden 2048), at most one tile per token. It depends on
+    the graph's shapes alone, so every rank of a distributed job picks the same value
+    without communicating.
+    """
+    k = -(-intermediate // max(1, in_features))
+    return max(1, min(k, num_tokens))

@@ -1,0 +1,108 @@
+"""Graph passes and the runner that applies them.
+
+Every pass has one signature, ``fn(gm, ctx) -> int``: it rewrites ``gm.graph`` in place,
+appends one :class:`~tilepass.report.Record` per candidate to ``ctx.records`` and
+returns how many rewrites it made. The runner logs, times, and skips a pass whose
+option switch is off.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from . import runtime
+from .fx_utils import autocast_state, hint, tensor_value
+from .match_mlp import find_mlps
+from .options import Options, default_num_tiles
+from .region import build_tile_program, program_key
+from .rowwise import projection_input
+from .report import Record, logger
+from .rewrite import splice_tiled_region
+
+
+@dataclasses.dataclass
+class PassContext:
+    options: Options
+    graph_index: int
+    records: list[Record] = dataclasses.field(default_factory=list)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+Pass = Callable[[fx.GraphModule, PassContext], int]
+
+
+def resolve_tiles(options: Options, num_tokens: int, in_features: int, intermediate: int) -> tuple[int, int]:
+    """(num_tiles, tile_tokens) for the tiled op: exactly one of them is non-zero."""
+    if options.tile_tokens is not None:
+        return 0, options.tile_tokens
+    if options.num_tiles is not None:
+        return options.num_tiles, 0
+    return default_num_tiles(num_tokens, in_features, intermediate), 0
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    return hint(t.numel()) * t.element_size()
+
+
+def tile_mlps(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """Rewrite every dense MLP into a sequence-tiled, recomputed region."""
+    matches, rejections = find_mlps(gm.graph)
+    autocast = autocast_state(gm.graph)
+    for r in rejections:
+        ctx.records.append(Record("rejected", "mlp", r.module, r.pattern, ctx.graph_index,
+                                  reason=r.reason, nodes=[n.name for n in r.nodes]))
+    for m in matches:
+        tokens = hint(m.num_tokens)
+        num_tiles, tile_tokens = resolve_tiles(ctx.options, tokens, m.in_features, m.intermediate)
+        sizes = runtime.tile_sizes(tokens, num_tiles, tile_tokens)
+        program = build_tile_program(m.nodes, _token_inputs(m),
+                                     m.params, [m.output], m.num_tokens)
+        out = tensor_value(m.output)
+        spec = runtime.OutputSpec(tuple(int(s) for s in out.shape[-1:]), out.dtype)
+        cast = autocast.get(m.down)
+        key = program_key("mlp", program, (spec, cast, ctx.options.accumulate_fp32))
+        runtime.register_region(key, runtime.RegisteredRegion(program, (spec,), cast, ctx.options.accumulate_fp32))
+        splice_tiled_region(gm.graph, key, m.source, m.params, [m.output], num_tiles, tile_tokens)
+        inter = sum(_nbytes(tensor_value(n)) for n in m.ups + m.inner)
+        ctx.records.append(Record(
+            "rewritten", "mlp", m.module, m.pattern, ctx.graph_index, tiles=len(sizes),
+            tile_tokens=max(sizes) if sizes else 0, tokens=tokens, nodes=[n.name for n in m.nodes],
+            region_key=key, intermediate_bytes=inter,
+            saved_bytes=inter - (inter * max(sizes) // tokens if tokens else 0),
+        ))
+    if matches:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return len(matches)
+
+
+def _token_inputs(m) -> set[fx.Node]:
+    """The nodes through which the ups read x (x itself, or a view flattening it)."""
+    return {projection_input(u, m.num_tokens) for u in m.ups}
+
+
+# name -> (pass, the option that switches it)
+PASSES: dict[str, tuple[Pass, str]] = {
+    "mlp": (tile_mlps, "mlp"),
+}
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext) -> int:
+    total = 0
+    for name, (fn, switch) in PASSES.items():
+        if not getattr(ctx.options, switch):
+            logger.debug("tilepass: pass %s disabled by option %r", name, switch)
+            continue
+        t0 = time.perf_counter()
+        count = fn(gm, ctx)
+        ctx.timings[name] = time.perf_counter() - t0
+        logger.debug("tilepass: pass %s made %d rewrites in %.3fs", name, count, ctx.timings[name])
+        total += count
+    return total

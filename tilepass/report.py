@@ -1,0 +1,58 @@
+"""What the backend did: one record per candidate region, since the last reset."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+logger = logging.getLogger("tilepass")
+
+
+@dataclasses.dataclass
+class Record:
+    status: str  # "rewritten" | "rejected"
+    kind: str  # "mlp"
+    module: str  # dotted module path, e.g. "model.layers.0.mlp"
+    pattern: str  # "swiglu", "geglu", "fused_gate_up_swiglu", "mlp_gelu_tanh", ...
+    graph: int  # index of the compiled graph (in compile order since the last reset)
+    tiles: int | None = None  # tiles at the traced token count (rewritten only)
+    tile_tokens: int | None = None  # tokens in the largest tile
+    tokens: int | None = None  # tokens the region saw when traced
+    reason: str | None = None  # why it was rejected
+    nodes: list[str] = dataclasses.field(default_factory=list)
+    region_key: str | None = None
+    # Bytes of the region's intermediates over the whole sequence, and the estimated
+    # activation bytes tiling saves (intermediates minus one tile's worth).
+    intermediate_bytes: int | None = None
+    saved_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_RECORDS: list[Record] = []
+
+
+def add(records: list[Record]) -> None:
+    _RECORDS.extend(records)
+
+
+def records() -> list[Record]:
+    return list(_RECORDS)
+
+
+def clear() -> None:
+    _RECORDS.clear()
+
+
+def summarize(graph_index: int, records: list[Record]) -> str:
+    done = [r for r in records if r.status == "rewritten"]
+    rejected = [r for r in records if r.status == "rejected"]
+    parts = [f"graph {graph_index}: tiled {len(done)} region{'s' if len(done) != 1 else ''}"]
+    if done:
+        parts.append(", ".join(f"{r.module or '<root>'} [{r.kind}:{r.pattern}, {r.tiles} tiles]" for r in done))
+    if rejected:
+        parts.append(
+            f"left {len(rejected)}: " + "; ".join(f"{r.module or '<root>'}: {r.reason}" for r in rejected)
+        )
+    return " | ".join(parts)
