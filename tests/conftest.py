@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+import tilepass
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tilepass():
+    tilepass.reset()
+    yield
+    tilepass.reset()
+
+
+def train_step(model, inputs, logit_weights, call=None):
+    """Loss + a weighted sum of the logits (non-uniform upstream gradients) through
+    ``call`` (default: ``model``); returns (loss, logits, {param name: grad of model's
+    parameter}) and leaves no .grad behind."""
+    model.zero_grad(set_to_none=True)
+    out = (model if call is None else call)(**inputs)
+    loss = out.loss + (out.logits * logit_weights).sum()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), out.logits.detach(), grads
+
+
+def assert_close_results(got, want, rtol, atol, what=""):
+    (loss, logits, grads), (rloss, rlogits, rgrads) = got, want
+    torch.testing.assert_close(loss, rloss, rtol=rtol, atol=atol, msg=lambda m: f"{what} loss: {m}")
+    torch.testing.assert_close(logits, rlogits, rtol=rtol, atol=atol, msg=lambda m: f"{what} logits: {m}")
+    assert grads.keys() == rgrads.keys(), f"{what}: parameters with a gradient differ"
+    for name in rgrads:
+        torch.testing.assert_close(grads[name], rgrads[name], rtol=rtol, atol=atol, msg=lambda m, name=name: f"{what} grad of {name}: {m}")
+
+
+def rewritten(kind="mlp"):
+    return [r for r in tilepass.report() if r.status == "rewritten" and r.kind == kind]
+
+
+def rejected(kind="mlp"):
+    return [r for r in tilepass.report() if r.status == "rejected" and r.kind == kind]

@@ -1,0 +1,42 @@
+"""Tiny transformers models built from config (never from a hub): for tests, examples and
+``tilepass dump --arch``. Each family keeps its real structure (SwiGLU, GeGLU, fused
+gate_up, Conv1D + tanh GELU...) at a size that trains in seconds on a CPU."""
+from __future__ import annotations
+
+from typing import Any
+
+ARCHS = ("llama", "qwen3", "gemma2", "phi3", "gpt2")
+
+_COMMON = dict(
+    hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+)
+
+
+def tiny_config(arch: str, **overrides: Any):
+    """A small config of family ``arch`` (one of :data:`ARCHS`)."""
+    import transformers
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    if arch == "gpt2":
+        kw = dict(n_embd=64, n_layer=2, n_head=4, n_inner=256, vocab_size=128, n_positions=256,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+        kw.update(overrides)
+        return transformers.GPT2Config(**kw)
+    kw = dict(_COMMON)
+    if arch == "gemma2":
+        kw.update(sliding_window=64, query_pre_attn_scalar=16)
+    kw.update(overrides)
+    return transformers.AutoConfig.for_model(arch, **kw)
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides: Any):
+    """A randomly initialised causal LM of family ``arch`` (float32, train mode)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
+    return model.train()
