@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from . import rowwise
@@ -85,9 +86,14 @@ def _walk_back(down: fx.Node, num_tokens: Any) -> tuple[list[fx.Node], list[fx.N
             return None  # the token data comes from somewhere other than a projection
         inner.append(n)
         for a in arg_nodes(n):
+            # Follow token data, and anything else that varies over tokens (a mean over
+            # the sequence is [B, 1, F]): only weights and feature-wise tensors stay outside.
             v = example_value(a)
-            if rowwise.is_token_tensor(v, num_tokens) or (
-                isinstance(v, (tuple, list)) and v and all(rowwise.is_token_tensor(t, num_tokens) for t in v)
+            if isinstance(v, (tuple, list)):
+                if v and all(rowwise.is_token_tensor(t, num_tokens) for t in v):
+                    stack.append(a)
+            elif isinstance(v, torch.Tensor) and (
+                rowwise.is_token_tensor(v, num_tokens) or not rowwise.broadcasts_over_features(v)
             ):
                 stack.append(a)
     return inner, ups

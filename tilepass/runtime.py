@@ -127,6 +127,7 @@ def run_tiled_backward(
     need_x, need_p = bool(needs_grad[0]), [bool(b) for b in needs_grad[1:]]
     dx = torch.empty_like(x) if need_x else None
     acc: list[Tensor | None] = [None] * len(params)
+    borrowed = {t.untyped_storage().data_ptr() for t in (x, *params, *grads)}
     with compat.autograd_inside_custom_op():
         # Detached leaves: autograd.grad below returns their per-tile gradients without
         # ever writing a .grad anywhere.
@@ -159,19 +160,24 @@ def run_tiled_backward(
                 if g is None:
                     continue
                 if acc[i] is None:
-                    acc[i] = g.to(torch.float32, copy=True) if region.accumulate_fp32 else g
+                    # Own the accumulator: autograd may hand back a view of an incoming
+                    # gradient (e.g. for ``x + bias``), which later add_ calls must not touch.
+                    owned = region.accumulate_fp32 or g.untyped_storage().data_ptr() in borrowed
+                    acc[i] = g.to(torch.float32 if region.accumulate_fp32 else g.dtype, copy=True) if owned else g
                 else:
                     acc[i].add_(g)
             start += size
-    empty = x.new_empty(0)
-    result = [dx if need_x else empty]
+    # A custom op's outputs may not alias its inputs or each other: fresh empties.
+    result = [dx if need_x else x.new_empty(0)]
     for p, a, need in zip(params, acc, need_p):
         if not need:
-            result.append(empty)
+            result.append(x.new_empty(0))
         elif a is None:
             result.append(torch.zeros_like(p))
+        elif a.dtype != p.dtype:
+            result.append(a.to(p.dtype))
         else:
-            result.append(a.to(p.dtype) if a.dtype != p.dtype else a)
+            result.append(a)
     return result
 
 
@@ -205,9 +211,8 @@ def tiled_backward(
 
 @tiled_backward.register_fake
 def _tiled_backward_fake(key, x, params, grads, num_tiles, tile_tokens, needs_grad):
-    empty = x.new_empty(0)
-    result = [torch.empty_like(x) if needs_grad[0] else empty]
-    result += [torch.empty_like(p) if need else empty for p, need in zip(params, needs_grad[1:])]
+    result = [torch.empty_like(x) if needs_grad[0] else x.new_empty(0)]
+    result += [torch.empty_like(p) if need else x.new_empty(0) for p, need in zip(params, needs_grad[1:])]
     return result
 
 

@@ -1,0 +1,222 @@
+"""Hand-written MLPs: biases, every activation form, 2-D inputs, and near misses that must
+be left alone (with the reason recorded) while the result stays exact."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tilepass
+
+from conftest import rejected, rewritten
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, h=24, i=40, act=F.silu, bias=True):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(h, i, bias), nn.Linear(h, i, bias), nn.Linear(i, h, bias)
+        self.act = act
+
+    def forward(self, x):
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class PlainMLP(nn.Module):
+    def __init__(self, h=24, i=40, act=F.gelu, bias=True):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(h, i, bias), nn.Linear(i, h, bias), act
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Two residual MLP blocks with a norm, so gradients flow MLP -> MLP."""
+
+    def __init__(self, mlp_factory):
+        super().__init__()
+        self.norm1, self.mlp1 = nn.LayerNorm(24), mlp_factory()
+        self.norm2, self.mlp2 = nn.LayerNorm(24), mlp_factory()
+
+    def forward(self, x):
+        x = x + self.mlp1(self.norm1(x))
+        return x + self.mlp2(self.norm2(x))
+
+
+def _check(model, x, options, rtol=1e-10, atol=1e-10):
+    g = torch.Generator().manual_seed(3)
+    upstream = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = model(x_ref)
+    ref_grads = torch.autograd.grad(y_ref, [x_ref, *model.parameters()], upstream)
+    compiled = torch.compile(model, backend="tilepass", options=options)
+    x_t = x.detach().clone().requires_grad_()
+    y = compiled(x_t)
+    grads = torch.autograd.grad(y, [x_t, *model.parameters()], upstream)
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    return y
+
+
+ACTS = {
+    "silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu_spelled": lambda t: 0.5 * t * (1.0 + torch.tanh(0.7978845608028654 * (t + 0.044715 * torch.pow(t, 3.0)))),
+}
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_plain_mlp(act, bias):
+    torch.manual_seed(0)
+    model = Block(lambda: PlainMLP(act=ACTS[act], bias=bias)).double()
+    _check(model, torch.randn(3, 29, 24, dtype=torch.float64), dict(downstream="aot_eager", num_tiles=4))
+    done = rewritten()
+    assert [r.module for r in done] == ["mlp1", "mlp2"]
+    assert all(r.pattern.startswith("mlp_") for r in done)
+    assert not rejected()
+
+
+@pytest.mark.parametrize("act,pattern", [("silu", "swiglu"), ("gelu", "geglu"), ("relu", "reglu")])
+def test_gated_mlp_with_bias(act, pattern):
+    torch.manual_seed(0)
+    model = Block(lambda: GatedMLP(act=ACTS[act])).double()
+    _check(model, torch.randn(2, 31, 24, dtype=torch.float64), dict(downstream="aot_eager", num_tiles=5))
+    assert [r.pattern for r in rewritten()] == [pattern, pattern]
+
+
+def test_two_dimensional_input():
+    torch.manual_seed(0)
+    model = GatedMLP().double()
+    _check(model, torch.randn(53, 24, dtype=torch.float64), dict(downstream="aot_eager", num_tiles=3))
+    assert [r.tiles for r in rewritten()] == [3]
+
+
+def test_inductor_hand_mlp_with_bias():
+    torch.manual_seed(0)
+    model = Block(lambda: GatedMLP()).double()
+    _check(model, torch.randn(2, 37, 24, dtype=torch.float64), dict(num_tiles=5))
+    assert len(rewritten()) == 2
+
+
+class FusedGateUp(nn.Module):
+    def __init__(self, h=24, i=40):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(h, 2 * i), nn.Linear(i, h)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(up * F.silu(gate))
+
+
+class InterleavedGateUp(FusedGateUp):
+    def forward(self, x):
+        gu = self.gate_up(x)
+        gate, up = gu[..., ::2], gu[..., 1::2]
+        return self.down((up + 1) * gate * torch.sigmoid(1.702 * gate.clamp(max=7.0)))
+
+
+@pytest.mark.parametrize("cls", [FusedGateUp, InterleavedGateUp])
+def test_fused_gate_up(cls):
+    torch.manual_seed(0)
+    model = cls().double()
+    _check(model, torch.randn(2, 23, 24, dtype=torch.float64), dict(downstream="aot_eager", num_tiles=4))
+    assert [r.pattern for r in rewritten()] == ["fused_gate_up_swiglu" if cls is FusedGateUp else "fused_gate_up_sigmoid_glu"]
+
+
+# --- near misses ----------------------------------------------------------------------
+
+
+class CumsumMLP(GatedMLP):
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x).cumsum(dim=1))
+
+
+class MeanOverSeqMLP(PlainMLP):
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        return self.fc2(h - h.mean(dim=1, keepdim=True))
+
+
+class DropoutMLP(PlainMLP):
+    def forward(self, x):
+        return self.fc2(F.dropout(self.act(self.fc1(x)), p=0.1, training=self.training))
+
+
+class LeakyIntermediate(PlainMLP):
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        return self.fc2(h), h.sum()
+
+
+@pytest.mark.parametrize(
+    "cls,reason",
+    [
+        (CumsumMLP, "op `cumsum` over dim 1 mixes tokens"),
+        (MeanOverSeqMLP, "op `mean` over dim 1 mixes tokens"),
+    ],
+)
+def test_token_mixing_op_rejected_and_exact(cls, reason):
+    torch.manual_seed(0)
+    model = cls().double()
+    _check(model, torch.randn(2, 19, 24, dtype=torch.float64), dict(downstream="aot_eager", num_tiles=4))
+    assert not rewritten()
+    [r] = rejected()
+    assert r.reason == reason and r.module == "" and r.status == "rejected"
+
+
+def test_dropout_in_training_rejected_eval_tiled():
+    torch.manual_seed(0)
+    model = DropoutMLP().double()
+    x = torch.randn(2, 19, 24, dtype=torch.float64)
+    torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager"))(x)
+    [r] = rejected()
+    assert "dropout with p=0.1 in training" in r.reason
+    tilepass.reset()
+    model.eval()
+    _check(model, x, dict(downstream="aot_eager", num_tiles=3))
+    assert len(rewritten()) == 1
+
+
+def test_intermediate_read_outside_rejected():
+    torch.manual_seed(0)
+    model = LeakyIntermediate().double()
+    x = torch.randn(2, 19, 24, dtype=torch.float64, requires_grad=True)
+    y, s = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager"))(x)
+    y_ref, s_ref = model(x)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    [r] = rejected()
+    assert "also read outside" in r.reason
+
+
+def test_mlp_switch_off():
+    torch.manual_seed(0)
+    model = GatedMLP().double()
+    _check(model, torch.randn(2, 19, 24, dtype=torch.float64), dict(downstream="aot_eager", mlp=False))
+    assert tilepass.report() == []
+
+
+def test_autocast_region_replays_autocast():
+    """A region traced under torch.autocast runs its tiles under the same autocast."""
+    torch.manual_seed(0)
+    model = Block(lambda: GatedMLP())
+
+    def f(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x).float()
+
+    x = torch.randn(2, 37, 24)
+    up = torch.randn(2, 37, 24)
+    ref_x = x.clone().requires_grad_()
+    ref = torch.autograd.grad(f(ref_x), [ref_x, *model.parameters()], up)
+    t_x = x.clone().requires_grad_()
+    got = torch.autograd.grad(
+        torch.compile(f, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=4))(t_x),
+        [t_x, *model.parameters()], up,
+    )
+    assert len(rewritten()) == 2
+    for a, b in zip(got, ref):
+        # bf16 matmuls, summed over tiles instead of over the whole sequence: compare the
+        # error relative to each gradient's norm, as a bf16 reference allows.
+        assert a.dtype == b.dtype
+        assert ((a - b).norm() / b.norm()).item() < 1e-2
