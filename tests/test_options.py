@@ -1,0 +1,116 @@
+"""Options, the entry point, and version gates."""
+import pytest
+import torch
+import torch.nn as nn
+
+import tilepass
+from tilepass import compat
+from tilepass.options import Options, OptionsError
+
+
+def test_defaults():
+    o = Options.parse(None)
+    assert (o.num_tiles, o.tile_tokens, o.downstream, o.mlp, o.accumulate_fp32) == (None, None, "inductor", True, False)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, accumulate_fp32"),
+        ({"num_tiles": 0}, r"'num_tiles' must be a positive int"),
+        ({"num_tiles": True}, r"'num_tiles' must be a positive int"),
+        ({"tile_tokens": 2.5}, r"'tile_tokens' must be a positive int"),
+        ({"num_tiles": 2, "tile_tokens": 8}, r"at most one of"),
+        ({"downstream": "cudagraphs"}, r"'downstream' must be one of 'inductor', 'aot_eager', 'eager'"),
+        ({"mlp": "yes"}, r"'mlp' must be True or False"),
+        ({"accumulate_fp32": 1}, r"'accumulate_fp32' must be True or False"),
+    ],
+)
+def test_bad_options_raise_one_clear_error(options, match):
+    with pytest.raises(OptionsError, match=match):
+        Options.parse(options)
+    with pytest.raises(OptionsError, match=match):
+        tilepass.backend(**options)
+
+
+def test_bad_options_through_torch_compile():
+    model = nn.Linear(4, 4)
+    with pytest.raises(Exception, match="unknown tilepass option 'bogus'"):
+        torch.compile(model, backend="tilepass", options={"bogus": 1})(torch.randn(2, 4))
+
+
+def test_entry_point_resolves_to_the_compiler_function():
+    from importlib.metadata import entry_points
+
+    [ep] = [e for e in entry_points(group="torch_dynamo_backends") if e.name == "tilepass"]
+    assert ep.load() is tilepass.tilepass_backend
+    assert torch._dynamo.lookup_backend("tilepass") is tilepass.tilepass_backend
+
+
+def test_backend_name_works_in_a_fresh_interpreter_without_import():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "print('tilepass' in sys.modules)\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))\n"
+        "y = torch.compile(m, backend='tilepass', options={'downstream': 'eager', 'num_tiles': 2})(torch.randn(3, 5, 8))\n"
+        "import tilepass; print([r.status for r in tilepass.report()])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["False", "['rewritten']"]
+
+
+def test_configured_backend_callable():
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)).double()
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    y = torch.compile(model, backend=tilepass.backend(downstream="aot_eager", tile_tokens=4))(x)
+    torch.testing.assert_close(y, model(x), rtol=1e-12, atol=1e-12)
+    [r] = tilepass.report()
+    assert (r.tiles, r.tile_tokens, r.tokens, r.module, r.pattern) == (5, 4, 18, "", "mlp_relu")
+
+
+def test_default_tiles_depend_on_shapes_only():
+    assert tilepass.default_num_tiles(65536, 2048, 2 * 8192) == 8
+    assert tilepass.default_num_tiles(74, 64, 352) == 6
+    assert tilepass.default_num_tiles(3, 64, 352) == 3
+    assert tilepass.default_num_tiles(100, 64, 32) == 1
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.silu(self.fc1(x)))
+
+
+def test_compile_helper_keeps_the_module():
+    model = _MLP().double()
+    keys = list(model.state_dict())
+    same = tilepass.compile(model, downstream="aot_eager", num_tiles=3)
+    assert same is model and list(model.state_dict()) == keys
+    x = torch.randn(4, 7, 8, dtype=torch.float64)
+    model(x)
+    assert [r.tiles for r in tilepass.report()] == [3]
+
+
+@pytest.mark.parametrize("version,ok", [("2.5.1", False), ("2.6.0", True), ("2.11.0+cu130", True), ("2.13.0+cpu", True), ("2.14.0.dev20261101", True)])
+def test_version_gate(monkeypatch, version, ok):
+    monkeypatch.setattr(compat, "TORCH_VERSION", compat.parse_version(version))
+    if ok:
+        compat.check_supported_torch()
+    else:
+        with pytest.raises(RuntimeError, match=r"tilepass needs torch>=2.6; this environment has torch 2.5.1"):
+            compat.check_supported_torch()
+        with pytest.raises(Exception, match="tilepass needs torch>=2.6"):
+            torch.compile(nn.Linear(2, 2), backend="tilepass")(torch.randn(1, 2))
+
+
+def test_parse_version():
+    assert compat.parse_version("2.13.0+cpu") == (2, 13, 0)
+    assert compat.parse_version("2.6") == (2, 6, 0)
+    with pytest.raises(ValueError):
+        compat.parse_version("nightly")
