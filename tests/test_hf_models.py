@@ -74,3 +74,21 @@ def test_every_mlp_tiled_exactly_inductor(arch):
     assert_close_results(got, plain, rtol=1e-10, atol=1e-10, what=f"{arch} vs inductor")
     assert_close_results(got, eager, rtol=1e-4, atol=1e-5, what=f"{arch} vs eager")
     assert len({r.module for r in rewritten()}) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("downstream", ["aot_eager", "inductor"])
+def test_layer_checkpointing(downstream):
+    """With gradient checkpointing each layer is a tag_activation_checkpoint body: its MLP
+    is tiled inside the body, and the result is still exact."""
+    model, inputs, weights = _setup("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if downstream == "inductor":
+        want = train_step(model, inputs, weights, call=torch.compile(model, backend="inductor"))
+        tilepass.reset()
+    else:
+        want = train_step(model, inputs, weights)
+    got = _tiled(model, inputs, weights, downstream=downstream, num_tiles=5)
+    assert_close_results(got, want, rtol=1e-10, atol=1e-10)
+    assert len(rewritten()) == 2
+    assert {r.module for r in rewritten()} == {"model.layers.0.mlp", "model.layers.1.mlp"}

@@ -84,6 +84,8 @@ def _walk_back(down: fx.Node, num_tokens: Any) -> tuple[list[fx.Node], list[fx.N
             continue
         if n.op not in ("call_function", "call_method") or len(inner) >= _MAX_REGION_NODES:
             return None  # the token data comes from somewhere other than a projection
+        if rowwise.mixes_activations(n):
+            return None  # a product of two activations: attention, not an MLP
         inner.append(n)
         for a in arg_nodes(n):
             # Follow token data, and anything else that varies over tokens (a mean over

@@ -94,6 +94,12 @@ PASSES: dict[str, tuple[Pass, str]] = {
 }
 
 
+def graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """``gm`` and every graph nested in it: the bodies of higher-order ops such as the
+    ``tag_activation_checkpoint`` that layer checkpointing becomes under Dynamo."""
+    return [m for m in gm.modules() if isinstance(m, fx.GraphModule)]
+
+
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> int:
     total = 0
     for name, (fn, switch) in PASSES.items():
@@ -101,7 +107,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext) -> int:
             logger.debug("tilepass: pass %s disabled by option %r", name, switch)
             continue
         t0 = time.perf_counter()
-        count = fn(gm, ctx)
+        count = sum(fn(sub, ctx) for sub in graph_modules(gm))
         ctx.timings[name] = time.perf_counter() - t0
         logger.debug("tilepass: pass %s made %d rewrites in %.3fs", name, count, ctx.timings[name])
         total += count

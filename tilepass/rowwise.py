@@ -130,6 +130,20 @@ def projection_input(node: fx.Node, num_tokens: Any) -> fx.Node | None:
     return x
 
 
+_ATTENTION_LIKE = {torch.bmm, torch.baddbmm, torch.einsum, F.scaled_dot_product_attention}
+
+
+def mixes_activations(node: fx.Node) -> bool:
+    """A product of two data-dependent tensors (``q @ k^T``, ``attn @ v``, SDPA): the
+    signature of attention. A walk that meets one is not inside an MLP."""
+    if node.op == "call_function" and node.target in _ATTENTION_LIKE:
+        return True
+    if not is_matmul(node):
+        return False
+    ops = matmul_operands(node)
+    return ops is None or tensor_value(ops[1]) is None or tensor_value(ops[1]).dim() != 2
+
+
 def activation_name(node: fx.Node) -> str | None:
     if node.op == "call_function" and node.target in ACTIVATIONS:
         name = ACTIVATIONS[node.target]

@@ -1,0 +1,160 @@
+"""Peak memory and step time of a Llama-shaped decoder stack: eager vs inductor vs tilepass.
+
+One process runs every variant at every sequence length, one after the other, and prints
+one JSON line per measurement (and a table at the end):
+
+    python tools/bench.py --layers 4 --seqs 16384 32768 65536 --out docs/results/bench.json
+    python tools/bench.py --tiny --device cpu --seqs 64 --steps 1      # CPU smoke test
+
+The model is a transformers ``LlamaModel`` built from config (Llama-3.2-1B shapes by
+default: hidden 2048, intermediate 8192, 32/8 heads), bf16, batch 1, SDPA attention, loss
+on the final hidden states. ``--ckpt on`` enables layer activation checkpointing.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+VARIANTS = ("eager", "compile", "tilepass")
+
+
+def build_model(args):
+    import transformers
+
+    if args.tiny:
+        shape = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    else:
+        shape = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8)
+    cfg = transformers.LlamaConfig(
+        **shape, num_hidden_layers=args.layers, vocab_size=32000, max_position_embeddings=max(args.seqs),
+        attn_implementation="sdpa", use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(cfg).to(device=args.device, dtype=getattr(torch, args.dtype)).train()
+    return model
+
+
+def make_step(model, variant, args):
+    import tilepass
+
+    if variant == "eager":
+        fn = model
+    elif variant == "compile":
+        fn = torch.compile(model)
+    elif variant == "tilepass":
+        opts = {}
+        if args.tile_tokens:
+            opts["tile_tokens"] = args.tile_tokens
+        fn = torch.compile(model, backend="tilepass", options=opts)
+    else:
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+
+    def step(ids):
+        hidden = fn(input_ids=ids).last_hidden_state
+        loss = hidden.float().pow(2).mean()
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+        return loss
+
+    return step
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model, variant, seq, ckpt, args):
+    import tilepass
+
+    torch._dynamo.reset()
+    tilepass.reset()
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    step = make_step(model, variant, args)
+    ids = torch.randint(0, 32000, (1, seq), device=args.device)
+    gc.collect()
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    row = dict(variant=variant, seq=seq, ckpt=ckpt, layers=args.layers, base_gib=base / 2**30)
+    try:
+        t0 = time.perf_counter()
+        step(ids)
+        sync(args.device)
+        row["first_s"] = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step(ids)
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+        row["step_s"] = statistics.median(times)
+        row["tokens_per_s"] = seq / row["step_s"]
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        if variant == "tilepass":
+            done = [r for r in tilepass.report() if r.status == "rewritten"]
+            row["tiled_regions"] = len(done)
+            row["tiles"] = sorted({r.tiles for r in done})
+    except torch.OutOfMemoryError:
+        row["oom"] = True
+    finally:
+        del step
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seqs", type=int, nargs="+", default=[16384, 32768, 65536])
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--ckpt", choices=["on", "off", "both"], default="on")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tile-tokens", type=int, default=None, help="tilepass tokens per tile (default: derived)")
+    p.add_argument("--tiny", action="store_true", help="tiny hidden sizes, for a CPU smoke test")
+    p.add_argument("--out", default=None, help="write all rows as a JSON list here")
+    args = p.parse_args(argv)
+    model = build_model(args)
+    ckpts = {"on": [True], "off": [False], "both": [False, True]}[args.ckpt]
+    rows = []
+    for ckpt in ckpts:
+        for seq in args.seqs:
+            for variant in args.variants.split(","):
+                row = measure(model, variant, seq, ckpt, args)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(torch=torch.__version__, device=_device_name(args.device), rows=rows), f, indent=1)
+    print(f"\n{'variant':<10}{'ckpt':<6}{'seq':>7}{'peak GiB':>10}{'step s':>9}{'first s':>9}", file=sys.stderr)
+    for r in rows:
+        peak = "oom" if r.get("oom") else (f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-")
+        print(f"{r['variant']:<10}{str(r['ckpt']):<6}{r['seq']:>7}{peak:>10}{r.get('step_s', float('nan')):>9.3f}"
+              f"{r.get('first_s', float('nan')):>9.1f}", file=sys.stderr)
+    return rows
+
+
+def _device_name(device):
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+if __name__ == "__main__":
+    main()
