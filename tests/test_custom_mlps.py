@@ -220,3 +220,13 @@ def test_autocast_region_replays_autocast():
         # error relative to each gradient's norm, as a bf16 reference allows.
         assert a.dtype == b.dtype
         assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("shape", [(1, 24, 24), (1, 40, 24), (24, 24), (40, 24)])
+def test_token_count_equal_to_a_weight_dim(shape):
+    """tokens == hidden or == intermediate: a weight then has a token tensor's shape, and
+    must still be recognised as a weight."""
+    torch.manual_seed(0)
+    model = GatedMLP().double()
+    _check(model, torch.randn(*shape, dtype=torch.float64), dict(downstream="aot_eager", num_tiles=3))
+    assert [r.pattern for r in rewritten()] == ["swiglu"]

@@ -115,7 +115,7 @@ def matmul_operands(node: fx.Node) -> tuple[Any, Any] | None:
 
 
 def projection_input(node: fx.Node, num_tokens: Any) -> fx.Node | None:
-    """The token operand of a projection by an external 2-D weight, else None."""
+    """The token operand of a projection ``x @ W`` by a 2-D ``W``, else None."""
     ops = matmul_operands(node)
     if ops is None:
         return None
@@ -123,9 +123,10 @@ def projection_input(node: fx.Node, num_tokens: Any) -> fx.Node | None:
     wv = tensor_value(w)
     if not isinstance(x, fx.Node) or wv is None or wv.dim() != 2:
         return None
+    # No shape test on the weight: [tokens, F] and [out, in] can coincide. Tiling the rows
+    # of x is exact whatever the weight is, as long as it is computed outside the region,
+    # and the walk in match_mlp never follows a weight into the region.
     if not is_token_tensor(example_value(x), num_tokens):
-        return None
-    if is_token_tensor(wv, num_tokens) and not broadcasts_over_features(wv):
         return None
     return x
 
