@@ -230,3 +230,19 @@ def test_token_count_equal_to_a_weight_dim(shape):
     model = GatedMLP().double()
     _check(model, torch.randn(*shape, dtype=torch.float64), dict(downstream="aot_eager", num_tiles=3))
     assert [r.pattern for r in rewritten()] == ["swiglu"]
+
+
+@pytest.mark.parametrize("downstream", ["aot_eager", "inductor"])
+def test_dynamic_token_count(downstream):
+    """dynamic=True: the token count is symbolic; split sizes are computed at run time."""
+    torch.manual_seed(0)
+    model = Block(lambda: GatedMLP()).double()
+    compiled = torch.compile(model, backend="tilepass", dynamic=True, options=dict(downstream=downstream, num_tiles=4))
+    for seq in (29, 41):
+        x = torch.randn(2, seq, 24, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(2, seq, 24, dtype=torch.float64)
+        got = torch.autograd.grad(compiled(x), [x, *model.parameters()], g)
+        want = torch.autograd.grad(model(x), [x, *model.parameters()], g)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert len(rewritten()) == 2  # one graph for both lengths

@@ -13,11 +13,32 @@ from .options import Options
 from .passes import PassContext, run_passes
 
 _graph_counter = itertools.count()
+_graph_indices: dict[str, int] = {}
 
 
 def reset_graph_counter() -> None:
     global _graph_counter
     _graph_counter = itertools.count()
+    _graph_indices.clear()
+
+
+def current_compile_id() -> str:
+    """Dynamo's id of the graph being compiled ("frame/recompile"), or "" outside Dynamo."""
+    from torch._guards import CompileContext
+
+    cid = CompileContext.current_compile_id()
+    if cid is None:
+        return ""
+    return f"{cid.frame_id}/{cid.frame_compile_id}"
+
+
+def _graph_index(compile_id: str) -> int:
+    """A stable index per compiled graph: a restarted analysis keeps its index."""
+    if not compile_id:
+        return next(_graph_counter)
+    if compile_id not in _graph_indices:
+        _graph_indices[compile_id] = next(_graph_counter)
+    return _graph_indices[compile_id]
 
 
 def tilepass_backend(
@@ -34,9 +55,10 @@ def tilepass_backend(
     """
     compat.check_supported_torch()
     opts = Options.parse(options, **kwargs)
-    ctx = PassContext(opts, next(_graph_counter))
+    compile_id = current_compile_id()
+    ctx = PassContext(opts, _graph_index(compile_id))
     run_passes(gm, ctx)
-    report.add(ctx.records)
+    report.add(ctx.records, compile_id)
     report.logger.info("tilepass: %s", report.summarize(ctx.graph_index, ctx.records))
     return compile_downstream(gm, example_inputs, opts.downstream, mode)
 

@@ -15,6 +15,7 @@ class Record:
     module: str  # dotted module path, e.g. "model.layers.0.mlp"
     pattern: str  # "swiglu", "geglu", "fused_gate_up_swiglu", "mlp_gelu_tanh", ...
     graph: int  # index of the compiled graph (in compile order since the last reset)
+    compile_id: str = ""  # Dynamo's compile id of that graph, e.g. "0/0" (frame/recompile)
     tiles: int | None = None  # tiles at the traced token count (rewritten only)
     tile_tokens: int | None = None  # tokens in the largest tile
     tokens: int | None = None  # tokens the region saw when traced
@@ -33,7 +34,13 @@ class Record:
 _RECORDS: list[Record] = []
 
 
-def add(records: list[Record]) -> None:
+def add(records: list[Record], compile_id: str = "") -> None:
+    """Add one graph's records. Dynamo may restart an analysis and call the backend again
+    for the same compile id; the later attempt's records replace the earlier ones."""
+    if compile_id:
+        _RECORDS[:] = [r for r in _RECORDS if r.compile_id != compile_id]
+    for r in records:
+        r.compile_id = compile_id
     _RECORDS.extend(records)
 
 
