@@ -10,13 +10,13 @@ from tilepass.options import Options, OptionsError
 
 def test_defaults():
     o = Options.parse(None)
-    assert (o.num_tiles, o.tile_tokens, o.downstream, o.mlp, o.accumulate_fp32) == (None, None, "inductor", True, False)
+    assert (o.num_tiles, o.tile_tokens, o.downstream, o.mlp, o.moe, o.accumulate_fp32) == (None, None, "inductor", True, True, False)
 
 
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, accumulate_fp32"),
+        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, moe, accumulate_fp32"),
         ({"num_tiles": 0}, r"'num_tiles' must be a positive int"),
         ({"num_tiles": True}, r"'num_tiles' must be a positive int"),
         ({"tile_tokens": 2.5}, r"'tile_tokens' must be a positive int"),
@@ -24,6 +24,7 @@ def test_defaults():
         ({"downstream": "cudagraphs"}, r"'downstream' must be one of 'inductor', 'aot_eager', 'eager'"),
         ({"mlp": "yes"}, r"'mlp' must be True or False"),
         ({"accumulate_fp32": 1}, r"'accumulate_fp32' must be True or False"),
+        ({"moe": None}, r"'moe' must be True or False"),
     ],
 )
 def test_bad_options_raise_one_clear_error(options, match):

@@ -27,6 +27,8 @@ class Options:
     downstream: str = "inductor"
     #: Rewrite dense MLPs (SwiGLU, GeGLU, fused gate_up, plain GELU/ReLU/SiLU MLPs).
     mlp: bool = True
+    #: Rewrite MoE blocks (router + experts + combine, optional shared expert).
+    moe: bool = True
     #: Sum weight gradients over tiles in float32 for low-precision parameters. Costs one
     #: float32 buffer per weight of the region (2x a bf16 weight) during its backward.
     accumulate_fp32: bool = False
@@ -64,7 +66,7 @@ class Options:
             raise OptionsError(
                 f"tilepass option 'downstream' must be one of {', '.join(map(repr, DOWNSTREAMS))}, got {self.downstream!r}"
             )
-        for name in ("mlp", "accumulate_fp32"):
+        for name in ("mlp", "moe", "accumulate_fp32"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"tilepass option {name!r} must be True or False, got {getattr(self, name)!r}")
 

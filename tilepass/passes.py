@@ -17,8 +17,9 @@ import torch.fx as fx
 from . import runtime
 from .fx_utils import autocast_state, hint, tensor_value
 from .match_mlp import find_mlps
+from .match_moe import find_moes
 from .options import Options, default_num_tiles
-from .region import build_tile_program, program_key
+from .region import build_layout_program, build_tile_program, program_key
 from .rowwise import projection_input
 from .report import Record, logger
 from .rewrite import splice_tiled_region
@@ -68,7 +69,7 @@ def tile_mlps(gm: fx.GraphModule, ctx: PassContext) -> int:
         cast = autocast.get(m.down)
         key = program_key("mlp", program, (spec, cast, ctx.options.accumulate_fp32))
         runtime.register_region(key, runtime.RegisteredRegion(program, (spec,), cast, ctx.options.accumulate_fp32))
-        splice_tiled_region(gm.graph, key, m.source, m.params, [m.output], num_tiles, tile_tokens)
+        splice_tiled_region(gm.graph, key, m.source, m.params, [m.output], num_tiles, tile_tokens, m.nodes[0])
         inter = sum(_nbytes(tensor_value(n)) for n in m.ups + m.inner)
         ctx.records.append(Record(
             "rewritten", "mlp", m.module, m.pattern, ctx.graph_index, tiles=len(sizes),
@@ -88,8 +89,43 @@ def _token_inputs(m) -> set[fx.Node]:
     return {projection_input(u, m.num_tokens) for u in m.ups}
 
 
-# name -> (pass, the option that switches it)
+def tile_moes(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """Rewrite every MoE block (router included) into one sequence-tiled region."""
+    matches, rejections = find_moes(gm.graph)
+    autocast = autocast_state(gm.graph)
+    for r in rejections:
+        ctx.records.append(Record("rejected", "moe", r.module, r.pattern, ctx.graph_index,
+                                  reason=r.reason, nodes=[n.name for n in r.nodes]))
+    for m in matches:
+        num_tiles, tile_tokens = resolve_tiles(ctx.options, m.num_tokens, m.in_features, m.expanded_width)
+        sizes = runtime.tile_sizes(m.num_tokens, num_tiles, tile_tokens)
+        program = build_layout_program(m.nodes, m.source, m.params, m.outputs, m.layouts)
+        specs = []
+        for o in m.outputs:
+            ov, lay = tensor_value(o), m.layouts[o]
+            specs.append(runtime.OutputSpec(tuple(int(s) for s in ov.shape[lay.row_dims:]), ov.dtype))
+        cast = autocast.get(m.nodes[0])
+        key = program_key("moe", program, (specs, cast, ctx.options.accumulate_fp32))
+        runtime.register_region(key, runtime.RegisteredRegion(program, tuple(specs), cast, ctx.options.accumulate_fp32))
+        splice_tiled_region(gm.graph, key, m.source, m.params, m.outputs, num_tiles, tile_tokens, m.nodes[0])
+        inter = sum(_nbytes(tensor_value(n)) for n in m.nodes)
+        ctx.records.append(Record(
+            "rewritten", "moe", m.module, m.pattern, ctx.graph_index, tiles=len(sizes),
+            tile_tokens=max(sizes) if sizes else 0, tokens=m.num_tokens, nodes=[n.name for n in m.nodes],
+            region_key=key, intermediate_bytes=inter,
+            saved_bytes=inter - (inter * max(sizes) // m.num_tokens if m.num_tokens else 0),
+        ))
+    if matches:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return len(matches)
+
+
+# name -> (pass, the option that switches it); MoE first, so that a shared expert (a
+# dense MLP inside the block) is tiled with its block.
 PASSES: dict[str, tuple[Pass, str]] = {
+    "moe": (tile_moes, "moe"),
     "mlp": (tile_mlps, "mlp"),
 }
 

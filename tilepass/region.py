@@ -8,6 +8,7 @@ ops that name a feature dim name it as ``-1``, and feature-wise external tensors
 from __future__ import annotations
 
 import hashlib
+import operator
 from typing import Any, Sequence
 
 import torch
@@ -83,4 +84,60 @@ def program_key(kind: str, program: fx.GraphModule, extra: Any) -> str:
     """A content hash: equal keys mean equal computations (shared across layers)."""
     digest = hashlib.sha1((program.code + repr(extra)).encode()).hexdigest()[:16]
     return f"{kind}_{digest}"
+
+
+
+def build_layout_program(
+    nodes: Sequence[fx.Node],
+    source: fx.Node,
+    params: Sequence[fx.Node],
+    outputs: Sequence[fx.Node],
+    layouts: dict,
+) -> fx.GraphModule:
+    """Copy an MoE region (judged by :mod:`tilepass.token_layout`) into a tile program.
+
+    Rows stay in dim 0; what depended on the traced token count is re-expressed per
+    tile: reshapes give ``-1`` rows, ``arange(T*m)`` becomes ``arange(rows(x)*m)``, and a
+    ``[batch, seq, F]`` tensor is ``[rows, F]``.
+    """
+    from .token_layout import Arange, Tok
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    env: dict[fx.Node, Any] = {source: x}
+    for i, p in enumerate(params):
+        env[p] = graph.placeholder(f"p{i}")
+    rows = graph.call_method("size", (x, 0))
+
+    def mapped(a):
+        return fx.node.map_arg(a, lambda m: env[m])
+
+    for n in nodes:
+        lay = layouts.get(n)
+        out = example_value(n)
+        if rowwise_view(n) and isinstance(lay, Tok):
+            features = tuple(out.shape[lay.row_dims:])
+            env[n] = graph.call_method("reshape", (env[n.args[0]], (-1, *features)))
+            continue
+        if isinstance(lay, Arange):
+            count = rows if lay.m == 1 else graph.call_function(operator.mul, (rows, lay.m))
+            env[n] = graph.create_node(n.op, n.target, (count,), mapped(dict(n.kwargs)), name=n.name)
+            continue
+        env[n] = graph.create_node(n.op, n.target, mapped(tuple(n.args)), mapped(dict(n.kwargs)), name=n.name)
+    results = []
+    for o in outputs:
+        lay, out = layouts[o], example_value(o)
+        node = env[o]
+        if lay.row_dims != 1:
+            node = graph.call_method("reshape", (node, (-1, *out.shape[lay.row_dims:])))
+        results.append(node)
+    graph.output(tuple(results))
+    graph.lint()
+    return fx.GraphModule(torch.nn.Module(), graph, class_name="TileProgram")
+
+
+def rowwise_view(node: fx.Node) -> bool:
+    from .token_layout import _VIEW_FUNCTIONS, _VIEW_METHODS, _is
+
+    return _is(node, _VIEW_FUNCTIONS, _VIEW_METHODS)
 

@@ -19,21 +19,20 @@ def splice_tiled_region(
     outputs: Sequence[fx.Node],
     num_tiles: int,
     tile_tokens: int,
+    first_region_node: fx.Node,
 ) -> fx.Node:
     """Replace every use of ``outputs`` with the tiled op's results; returns the op node.
 
     The region's nodes become dead and are removed by the caller's dead-code pass.
     """
     src = tensor_value(source)
-    # Right after the last input is defined: every input exists there, and every user of
-    # every output comes later (outputs depend on the inputs).
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    last = max([source, *params], key=order.__getitem__)
-    if last.op == "placeholder":  # keep the placeholders together at the top
-        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last):
+    # Right before the region's first node: every user of an output comes later. Inputs
+    # computed later than that (e.g. ``w.transpose(-2, -1)`` of an expert weight, which
+    # Dynamo records where the module used it) are moved up; they read weights only.
+    first = first_region_node
+    _hoist_before(graph, first, [source, *params])
+    with graph.inserting_before(first):
         x2d = graph.call_method("reshape", (source, -1, src.shape[-1]))
-    with graph.inserting_after(x2d):
         call = graph.call_function(
             runtime.tiled_forward._opoverload, (key, x2d, list(params), num_tiles, tile_tokens)
         )
@@ -49,6 +48,24 @@ def splice_tiled_region(
                 cursor = graph.call_method("reshape", (item, *lead, ov.shape[-1]))
         out.replace_all_uses_with(cursor)
     return call
+
+
+def _hoist_before(graph: fx.Graph, point: fx.Node, nodes: Sequence[fx.Node]) -> None:
+    """Move ``nodes`` (and what they read) that come after ``point`` to just before it."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    limit = order[point]
+    move: set[fx.Node] = set()
+    stack = [n for n in nodes if order[n] > limit]
+    while stack:
+        n = stack.pop()
+        if n in move or order[n] <= limit:
+            continue
+        if n.op == "placeholder" or n.is_impure():
+            raise RuntimeError(f"tilepass: cannot move `{n.name}` before the tiled region")
+        move.add(n)
+        stack.extend(a for a in n.all_input_nodes)
+    for n in sorted(move, key=order.__getitem__):
+        point.prepend(n)
 
 
 def _leading_shape(graph: fx.Graph, after: fx.Node, source: fx.Node, out: torch.Tensor) -> list:

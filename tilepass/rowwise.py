@@ -30,6 +30,7 @@ ELEMENTWISE_FUNCTIONS = {
     torch.mul, torch.add, torch.sub, torch.div, torch.pow, torch.maximum, torch.minimum,
     torch.clamp, torch.clip,
     operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow,
+    operator.imul, operator.iadd, operator.isub, operator.itruediv,
     F.silu, F.gelu, F.relu, F.relu6, F.leaky_relu, F.mish, F.softplus, F.hardswish,
     F.hardsigmoid, F.elu, F.selu, F.celu, F.sigmoid, F.tanh, F.hardtanh,
 }

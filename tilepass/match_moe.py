@@ -1,0 +1,273 @@
+"""Find MoE blocks (router + experts, optional shared expert) in a Dynamo graph.
+
+A block starts at a routing op (``topk``) whose scores come, through row-wise ops, from a
+projection of some tensor ``x``. The candidate region is everything computed from ``x``
+and weights alone (no other token data), in graph order. :mod:`tilepass.token_layout`
+then follows the rows through dispatch (repeat/sort/gather), the experts (grouped matmul
+or batched matmul over gathered weights) and the combine (un-sort, sum over top-k). The
+first op it cannot follow ends the region there; the ops after it run untiled, as before.
+The block is tiled when it holds an expert computation and every value leaving it is
+back in natural token order, e.g. ``(hidden [B, S, H], router_logits [B*S, E])``.
+
+Knows nothing of tiling; returns matches and rejections with reasons.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from . import rowwise
+from .fx_utils import arg_nodes, common_module, example_value, leading_numel, op_name, tensor_value
+from .token_layout import LayoutAnalysis, NotTokenwise, Tok
+
+
+@dataclasses.dataclass
+class MoeMatch:
+    source: fx.Node
+    nodes: list[fx.Node]  # region, graph order (without the source)
+    outputs: list[fx.Node]
+    params: list[fx.Node]
+    layouts: dict[fx.Node, Any]
+    pattern: str
+    module: str
+    num_tokens: int
+    in_features: int
+    expanded_width: int  # widest per-token row group inside (top_k x expert width)
+
+
+@dataclasses.dataclass
+class MoeRejection:
+    anchor: fx.Node
+    reason: str
+    module: str
+    pattern: str
+    nodes: list[fx.Node]
+
+
+_ROUTING_OPS = {torch.topk}
+_PASS_THROUGH = {"float", "to", "softmax", "sigmoid", "type", "contiguous"}
+
+
+def _is_routing(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ROUTING_OPS) or (node.op == "call_method" and node.target == "topk")
+
+
+def _router_source(topk: fx.Node) -> fx.Node | None:
+    """x in ``topk(softmax?(linear(x, W_router)))``, before token reshapes."""
+    n = topk.args[0]
+    while isinstance(n, fx.Node) and op_name(n) in _PASS_THROUGH and n.args:
+        n = n.args[0]
+    if not isinstance(n, fx.Node):
+        return None
+    xv = tensor_value(rowwise.matmul_operands(n)[0]) if rowwise.matmul_operands(n) else None
+    if xv is None or xv.dim() < 2:
+        return None
+    num_tokens = leading_numel(xv)
+    x = rowwise.projection_input(n, num_tokens)
+    if x is None:
+        return None
+    while x.op in ("call_function", "call_method") and rowwise.classify(x, num_tokens).kind == "view":
+        x = x.args[0]
+    return x
+
+
+def _is_param_placeholder(node: fx.Node) -> bool:
+    v = example_value(node)
+    return isinstance(v, torch.nn.Parameter) or "_parameters_" in node.name or "_buffers_" in node.name
+
+
+def _data_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes computed from inputs that are not parameters or buffers."""
+    data: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            if not _is_param_placeholder(n):
+                data.add(n)
+        elif any(a in data for a in arg_nodes(n)):
+            data.add(n)
+    return data
+
+
+def find_moes(graph: fx.Graph) -> tuple[list[MoeMatch], list[MoeRejection]]:
+    matches: list[MoeMatch] = []
+    rejections: list[MoeRejection] = []
+    claimed: set[fx.Node] = set()
+    sources_done: set[fx.Node] = set()
+    data = None
+    for seed in graph.nodes:
+        if not _is_routing(seed) or seed in claimed:
+            continue
+        source = _router_source(seed)
+        sv = tensor_value(source) if source is not None else None
+        if sv is None:
+            continue
+        num_tokens = sv.shape[: sv.dim() - 1].numel() if all(isinstance(s, int) for s in sv.shape) else None
+        module = common_module([seed])
+        if num_tokens is None:
+            rejections.append(MoeRejection(seed, "symbolic token count: MoE blocks are tiled with static shapes only", module, "moe", [seed]))
+            continue
+        if data is None:
+            data = _data_dependent(graph)
+        if source in sources_done:
+            continue  # another topk on the same router (e.g. the aux loss): one block per input
+        result = _analyse(graph, seed, source, num_tokens, data)
+        if result is None:
+            continue
+        sources_done.add(source)
+        if isinstance(result, MoeRejection):
+            rejections.append(result)
+            continue
+        if claimed & set(result.nodes):
+            rejections.append(MoeRejection(seed, "overlaps another MoE region", result.module, result.pattern, result.nodes))
+            continue
+        claimed |= set(result.nodes)
+        matches.append(result)
+    return matches, rejections
+
+
+def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, data: set[fx.Node]):
+    analysis = LayoutAnalysis(num_tokens)
+    sv = tensor_value(source)
+    analysis.layouts[source] = Tok(1, None, sv.dim() - 1)
+    region: list[fx.Node] = []
+    in_region = {source}
+    stopped: dict[fx.Node, str] = {}
+    expert_derived: set[fx.Node] = set()
+    started = False
+    for n in graph.nodes:
+        if n is source:
+            started = True
+            continue
+        if not started or n.op not in ("call_function", "call_method"):
+            continue
+        args = list(arg_nodes(n))
+        if not any(a in in_region or a in stopped for a in args):
+            if analysis.is_row_count_creation(n):
+                # arange(T*k) for an inverse permutation: its size is the token count, so
+                # it belongs to the tile (and is re-sized there).
+                analysis.layouts[n] = analysis.infer(n)
+                region.append(n)
+                in_region.add(n)
+            continue
+        foreign = [a for a in args if a in data and a not in in_region]
+        if foreign or any(a in stopped for a in args):
+            if any(a in in_region for a in args) and not foreign:
+                stopped[n] = next(stopped[a] for a in args if a in stopped)
+            continue  # reads other token data: outside the block
+        experts_before = analysis.experts
+        try:
+            analysis.layouts[n] = analysis.infer(n)
+        except NotTokenwise as e:
+            stopped[n] = str(e)
+            continue
+        region.append(n)
+        in_region.add(n)
+        if analysis.experts > experts_before or any(a in expert_derived for a in args):
+            expert_derived.add(n)
+
+    module = common_module(region or [seed])
+    k = seed.args[1] if len(seed.args) > 1 else seed.kwargs.get("k")
+    dispatch = "grouped_mm" if any(op_name(n) in ("grouped_mm_fallback", "grouped_mm", "_grouped_mm") for n in region) else "batched_mm"
+    shared = any(rowwise.projection_input(n, num_tokens) is not None and n is not seed.args[0] for n in region
+                 if rowwise.is_matmul(n) and example_value(rowwise.matmul_operands(n)[1]) is not None
+                 and example_value(rowwise.matmul_operands(n)[1]).dim() == 2
+                 and _feeds(n, seed) is False)
+    pattern = f"moe_{dispatch}_top{k}" + ("_shared" if shared else "")
+    first_stop = next(iter(stopped.values()), None)
+    if seed not in in_region:
+        return MoeRejection(seed, first_stop or "the router is not row-wise", module, pattern, region)
+    if analysis.experts == 0:
+        reason = first_stop or "the routed experts are not in this graph (experts_implementation='eager' breaks the graph around each expert)"
+        return MoeRejection(seed, reason, module, pattern, region)
+    # The block's output: the last value computed from the experts that is back in token
+    # order and read outside. The region is what it needs; the rest (e.g. an aux loss
+    # reading the router logits) runs untiled after it, as before.
+    primary = [n for n in region if n in expert_derived and _natural(analysis.layouts[n])
+               and any(u not in in_region for u in n.users)]
+    if not primary:
+        reason = first_stop or "no expert output leaves the block in token order"
+        return MoeRejection(seed, reason, module, pattern, region)
+    needed = _ancestors_within(primary[-1], in_region)
+    region = [n for n in region if n in needed]
+    in_region = set(region) | {source}
+    if seed not in in_region:
+        return None  # a topk after the block (an aux loss reading the router logits)
+    module = common_module(region)
+    outputs = [n for n in region if any(u not in in_region for u in n.users)]
+    for o in outputs:
+        if not _natural(analysis.layouts[o]):
+            reason = first_stop or f"`{o.name}` leaves the block with its rows in expert order"
+            return MoeRejection(seed, reason, module, pattern, region)
+        if not isinstance(example_value(o), torch.Tensor):
+            return MoeRejection(seed, f"`{o.name}` leaves the block and is not a tensor", module, pattern, region)
+    params: list[fx.Node] = []
+    for n in region:
+        for a in arg_nodes(n):
+            if a not in in_region and a not in params:
+                params.append(a)
+    widths = [lay.m * _features(example_value(n), lay.row_dims) for n, lay in analysis.layouts.items()
+              if isinstance(lay, Tok) and isinstance(example_value(n), torch.Tensor)]
+    return MoeMatch(
+        source=source, nodes=region, outputs=outputs, params=params, layouts=dict(analysis.layouts),
+        pattern=pattern, module=module, num_tokens=num_tokens, in_features=int(sv.shape[-1]),
+        expanded_width=max(widths) if widths else int(sv.shape[-1]),
+    )
+
+
+def _natural(layout: Any) -> bool:
+    return isinstance(layout, Tok) and layout.m == 1 and layout.perm is None
+
+
+_IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _mutates(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place op writes (``out.add_(b)``, ``inv[perm] = ...``), else None."""
+    in_place = (node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("_")) or (
+        node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS
+    )
+    if in_place and node.args and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return None
+
+
+def _ancestors_within(node: fx.Node, region: set[fx.Node]) -> set[fx.Node]:
+    """What ``node`` needs inside ``region``: its inputs, recursively, and every in-place
+    op that wrote one of them (its result may be unused, its effect is not)."""
+    writers: dict[fx.Node, list[fx.Node]] = {}
+    for n in region:
+        target = _mutates(n)
+        if target is not None:
+            writers.setdefault(target, []).append(n)
+    out, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in out or n not in region:
+            continue
+        out.add(n)
+        stack.extend(arg_nodes(n))
+        stack.extend(writers.get(n, ()))
+    return out
+
+
+def _features(v: torch.Tensor, row_dims: int) -> int:
+    return int(v.shape[row_dims:].numel())
+
+
+def _feeds(node: fx.Node, target: fx.Node) -> bool:
+    """Does ``node`` reach ``target`` (is it part of the router)?"""
+    stack, seen = [target], set()
+    while stack:
+        n = stack.pop()
+        if n is node:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(arg_nodes(n))
+    return False
+
