@@ -209,8 +209,11 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
         for a in arg_nodes(n):
             if a not in in_region and a not in params:
                 params.append(a)
+    # Activation width per token (top_k x expert width), for the default tile count; the
+    # [rows, out, in] expert weights that batched_mm gathers are not activations.
     widths = [lay.m * _features(example_value(n), lay.row_dims) for n, lay in analysis.layouts.items()
-              if isinstance(lay, Tok) and isinstance(example_value(n), torch.Tensor)]
+              if isinstance(lay, Tok) and isinstance(example_value(n), torch.Tensor)
+              and example_value(n).dim() == lay.row_dims + 1]
     return MoeMatch(
         source=source, nodes=region, outputs=outputs, params=params, layouts=dict(analysis.layouts),
         pattern=pattern, module=module, num_tokens=num_tokens, in_features=int(sv.shape[-1]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 ARCHS = ("llama", "qwen3", "gemma2", "phi3", "gpt2")
+MOE_ARCHS = ("gpt_oss", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
 
 _COMMON = dict(
     hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -18,8 +19,8 @@ def tiny_config(arch: str, **overrides: Any):
     """A small config of family ``arch`` (one of :data:`ARCHS`)."""
     import transformers
 
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    if arch not in ARCHS + MOE_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS + MOE_ARCHS)}")
     if arch == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_inner=256, vocab_size=128, n_positions=256,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
@@ -28,15 +29,25 @@ def tiny_config(arch: str, **overrides: Any):
     kw = dict(_COMMON)
     if arch == "gemma2":
         kw.update(sliding_window=64, query_pre_attn_scalar=16)
+    if arch in MOE_ARCHS:
+        # 4 experts, top-2, every layer sparse; the aux loss reads the router logits.
+        kw.update(num_local_experts=4, num_experts=4, num_experts_per_tok=2, experts_per_token=2,
+                  moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                  output_router_logits=True, router_aux_loss_coef=0.5)
     kw.update(overrides)
     return transformers.AutoConfig.for_model(arch, **kw)
 
 
-def tiny_model(arch: str, seed: int = 0, **overrides: Any):
-    """A randomly initialised causal LM of family ``arch`` (float32, train mode)."""
+def tiny_model(arch: str, seed: int = 0, experts_implementation: str | None = None, **overrides: Any):
+    """A randomly initialised causal LM of family ``arch`` (float32, train mode).
+
+    ``experts_implementation`` (MoE only): transformers' "grouped_mm" (default), "batched_mm"
+    or "eager".
+    """
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
+    extra = {"experts_implementation": experts_implementation} if experts_implementation else {}
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), **extra)
     return model.train()
