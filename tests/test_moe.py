@@ -159,3 +159,25 @@ def test_capacity_limited_router_rejected_and_exact():
 def test_moe_switch_off():
     _run("mixtral", "batched_mm", torch.float64, 1e-10, 1e-10, downstream="aot_eager", moe=False)
     assert not rewritten("moe") and not rejected("moe")
+
+
+def test_no_new_graph_breaks():
+    """tilepass runs after Dynamo captured the graph, so it sees the graphs plain
+    torch.compile sees; the count of compiled graphs is the same."""
+    model, inputs, weights = _setup("gpt_oss", "grouped_mm", torch.float32)
+    plain, tiled = [], []
+
+    def count(gm, example_inputs):
+        plain.append(gm)
+        return gm.forward
+
+    def counting_tilepass(gm, example_inputs):
+        tiled.append(gm)
+        return tilepass.tilepass_backend(gm, example_inputs, options=dict(downstream="eager"))
+
+    _step(model, inputs, weights)  # once eagerly: transformers' one-time warnings break graphs
+    _step(model, inputs, weights, call=torch.compile(model, backend=count))
+    tilepass.reset()
+    _step(model, inputs, weights, call=torch.compile(model, backend=counting_tilepass))
+    assert len(tiled) == len(plain)
+    assert len(rewritten("moe")) == 2
