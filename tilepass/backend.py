@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from . import compat, report
+from . import compat, dump, report
 from .options import Options
 from .passes import PassContext, run_passes
 
@@ -57,8 +57,14 @@ def tilepass_backend(
     opts = Options.parse(options, **kwargs)
     compile_id = current_compile_id()
     ctx = PassContext(opts, _graph_index(compile_id))
+    root = dump.dump_dir()
+    graph_dump = dump.GraphDump(root, compile_id, ctx.graph_index) if root is not None else None
+    if graph_dump is not None:
+        ctx.on_stage = graph_dump.stage
     run_passes(gm, ctx)
     report.add(ctx.records, compile_id)
+    if graph_dump is not None:
+        graph_dump.finish(ctx.records, opts, ctx.programs)
     report.logger.info("tilepass: %s", report.summarize(ctx.graph_index, ctx.records))
     return compile_downstream(gm, example_inputs, opts.downstream, mode)
 

@@ -31,6 +31,8 @@ class PassContext:
     graph_index: int
     records: list[Record] = dataclasses.field(default_factory=list)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    programs: dict[str, str] = dataclasses.field(default_factory=dict)  # region key -> tile program code
+    on_stage: Callable[[str, fx.GraphModule], None] | None = None  # called with the graph after each pass
 
 
 Pass = Callable[[fx.GraphModule, PassContext], int]
@@ -69,6 +71,7 @@ def tile_mlps(gm: fx.GraphModule, ctx: PassContext) -> int:
         cast = autocast.get(m.down)
         key = program_key("mlp", program, (spec, cast, ctx.options.accumulate_fp32))
         runtime.register_region(key, runtime.RegisteredRegion(program, (spec,), cast, ctx.options.accumulate_fp32))
+        ctx.programs[key] = program.code
         splice_tiled_region(gm.graph, key, m.source, m.params, [m.output], num_tiles, tile_tokens, m.nodes[0])
         inter = sum(_nbytes(tensor_value(n)) for n in m.ups + m.inner)
         ctx.records.append(Record(
@@ -107,6 +110,7 @@ def tile_moes(gm: fx.GraphModule, ctx: PassContext) -> int:
         cast = autocast.get(m.nodes[0])
         key = program_key("moe", program, (specs, cast, ctx.options.accumulate_fp32))
         runtime.register_region(key, runtime.RegisteredRegion(program, tuple(specs), cast, ctx.options.accumulate_fp32))
+        ctx.programs[key] = program.code
         splice_tiled_region(gm.graph, key, m.source, m.params, m.outputs, num_tiles, tile_tokens, m.nodes[0])
         inter = sum(_nbytes(tensor_value(n)) for n in m.nodes)
         ctx.records.append(Record(
@@ -138,6 +142,8 @@ def graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> int:
     total = 0
+    if ctx.on_stage:
+        ctx.on_stage("dynamo", gm)
     for name, (fn, switch) in PASSES.items():
         if not getattr(ctx.options, switch):
             logger.debug("tilepass: pass %s disabled by option %r", name, switch)
@@ -146,5 +152,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext) -> int:
         count = sum(fn(sub, ctx) for sub in graph_modules(gm))
         ctx.timings[name] = time.perf_counter() - t0
         logger.debug("tilepass: pass %s made %d rewrites in %.3fs", name, count, ctx.timings[name])
+        if ctx.on_stage:
+            ctx.on_stage(f"after_{name}", gm)
         total += count
     return total
