@@ -36,16 +36,25 @@ def splice_tiled_region(
         call = graph.call_function(
             runtime.tiled_forward._opoverload, (key, x2d, list(params), num_tiles, tile_tokens)
         )
+    # Annotate the new nodes like Dynamo's own (value, module), for later passes and dumps.
+    meta = {k: first.meta[k] for k in ("nn_module_stack",) if k in first.meta}
+    x2d.meta.update(meta, example_value=src.reshape(-1, src.shape[-1]))
+    rows = x2d.meta["example_value"].shape[0]
+    call.meta.update(meta, example_value=[
+        src.new_empty((rows, *spec.feature_shape), dtype=spec.dtype) for spec in runtime.registered_region(key).outputs
+    ])
     cursor = call
     for i, out in enumerate(outputs):
         ov = tensor_value(out)
         with graph.inserting_after(cursor):
             item = graph.call_function(operator.getitem, (call, i))
+        item.meta.update(meta, example_value=call.meta["example_value"][i])
         cursor = item
         if ov.dim() != 2:
             lead = _leading_shape(graph, item, source, ov)
             with graph.inserting_after(cursor):
                 cursor = graph.call_method("reshape", (item, *lead, ov.shape[-1]))
+            cursor.meta.update(meta, example_value=ov)
         out.replace_all_uses_with(cursor)
     return call
 
