@@ -1,14 +1,22 @@
-"""Peak memory and step time of a Llama-shaped decoder stack: eager vs inductor vs tilepass.
+"""Peak memory and step time of a decoder stack: eager vs inductor vs Liger vs tilepass.
 
 One process runs every variant at every sequence length, one after the other, and prints
 one JSON line per measurement (and a table at the end):
 
     python tools/bench.py --layers 4 --seqs 16384 32768 65536 --out docs/results/bench.json
-    python tools/bench.py --tiny --device cpu --seqs 64 --steps 1      # CPU smoke test
+    python tools/bench.py --model moe --layers 4 --seqs 16384 32768 --variants eager,compile,tilepass
+    python tools/bench.py --variants tilepass@4096,tilepass@16384 --seqs 65536      # tile sweep
+    python tools/bench.py --tiny --device cpu --seqs 64 --steps 1                    # CPU smoke test
 
-The model is a transformers ``LlamaModel`` built from config (Llama-3.2-1B shapes by
-default: hidden 2048, intermediate 8192, 32/8 heads), bf16, batch 1, SDPA attention, loss
-on the final hidden states. ``--ckpt on`` enables layer activation checkpointing.
+Models are built from config (no weights): ``dense`` is a transformers ``LlamaModel`` with
+Llama-3.2-1B shapes (hidden 2048, intermediate 8192, 32/8 heads); ``moe`` a
+``Qwen3MoeModel`` with Qwen3-30B-A3B shapes (hidden 2048, 128 experts, top-8,
+moe_intermediate 768, 32/4 heads, grouped_mm experts). bf16, batch 1, SDPA attention,
+loss on the final hidden states. ``--ckpt on`` enables layer activation checkpointing.
+
+Variants: ``eager``; ``compile`` (torch.compile, inductor); ``liger`` (eager, every MLP
+replaced by Liger-Kernel's ``LigerTiledSwiGLUMLP``, the DeepSpeed/ALST TiledMLP
+algorithm; dense only); ``tilepass`` (default options) and ``tilepass@N`` (N tokens per tile).
 """
 from __future__ import annotations
 
@@ -21,39 +29,61 @@ import time
 
 import torch
 
-VARIANTS = ("eager", "compile", "tilepass")
+VARIANTS = ("eager", "compile", "liger", "tilepass")
 
 
 def build_model(args):
     import transformers
 
-    if args.tiny:
-        shape = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
-    else:
-        shape = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8)
-    cfg = transformers.LlamaConfig(
-        **shape, num_hidden_layers=args.layers, vocab_size=32000, max_position_embeddings=max(args.seqs),
-        attn_implementation="sdpa", use_cache=False,
-    )
+    common = dict(num_hidden_layers=args.layers, vocab_size=32000, max_position_embeddings=max(args.seqs),
+                  attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(0)
-    model = transformers.LlamaModel(cfg).to(device=args.device, dtype=getattr(torch, args.dtype)).train()
-    return model
+    if args.model == "moe":
+        if args.tiny:
+            shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+        else:
+            shape = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
+                         head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768)
+        cfg = transformers.Qwen3MoeConfig(**shape, **common, output_router_logits=False)
+        model = transformers.Qwen3MoeModel._from_config(cfg, experts_implementation="grouped_mm")
+    else:
+        if args.tiny:
+            shape = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+        else:
+            shape = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8)
+        model = transformers.LlamaModel(transformers.LlamaConfig(**shape, **common))
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype)).train()
+
+
+def with_liger_mlps(model):
+    """A copy of ``model`` whose MLPs are Liger's LigerTiledSwiGLUMLP (same weights)."""
+    import copy
+
+    from liger_kernel.transformers.tiled_mlp import LigerTiledSwiGLUMLP
+
+    liger = copy.deepcopy(model)
+    for layer in liger.layers:
+        mlp = LigerTiledSwiGLUMLP(liger.config).to(device=layer.mlp.gate_proj.weight.device, dtype=layer.mlp.gate_proj.weight.dtype)
+        mlp.load_state_dict(layer.mlp.state_dict())
+        layer.mlp = mlp
+    return liger
 
 
 def make_step(model, variant, args):
-    import tilepass
-
     if variant == "eager":
         fn = model
     elif variant == "compile":
         fn = torch.compile(model)
-    elif variant == "tilepass":
+    elif variant == "liger":
+        model = fn = with_liger_mlps(model)
+    elif variant.split("@")[0] == "tilepass":
         opts = {}
-        if args.tile_tokens:
-            opts["tile_tokens"] = args.tile_tokens
+        if "@" in variant:
+            opts["tile_tokens"] = int(variant.split("@")[1])
         fn = torch.compile(model, backend="tilepass", options=opts)
     else:
-        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}, tilepass@N")
 
     def step(ids):
         hidden = fn(input_ids=ids).last_hidden_state
@@ -88,7 +118,7 @@ def measure(model, variant, seq, ckpt, args):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
-    row = dict(variant=variant, seq=seq, ckpt=ckpt, layers=args.layers, base_gib=base / 2**30)
+    row = dict(model=args.model, variant=variant, seq=seq, ckpt=ckpt, layers=args.layers, base_gib=base / 2**30)
     try:
         t0 = time.perf_counter()
         step(ids)
@@ -105,10 +135,11 @@ def measure(model, variant, seq, ckpt, args):
         row["step_s"] = statistics.median(times)
         row["tokens_per_s"] = seq / row["step_s"]
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        if variant == "tilepass":
+        if variant.startswith("tilepass"):
             done = [r for r in tilepass.report() if r.status == "rewritten"]
             row["tiled_regions"] = len(done)
             row["tiles"] = sorted({r.tiles for r in done})
+            row["rejected"] = sorted({r.reason for r in tilepass.report() if r.status == "rejected"})
     except torch.OutOfMemoryError:
         row["oom"] = True
     finally:
@@ -121,6 +152,7 @@ def measure(model, variant, seq, ckpt, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["dense", "moe"], default="dense")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seqs", type=int, nargs="+", default=[16384, 32768, 65536])
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -128,7 +160,6 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tile-tokens", type=int, default=None, help="tilepass tokens per tile (default: derived)")
     p.add_argument("--tiny", action="store_true", help="tiny hidden sizes, for a CPU smoke test")
     p.add_argument("--out", default=None, help="write all rows as a JSON list here")
     args = p.parse_args(argv)
@@ -143,11 +174,14 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(torch=torch.__version__, device=_device_name(args.device), rows=rows), f, indent=1)
-    print(f"\n{'variant':<10}{'ckpt':<6}{'seq':>7}{'peak GiB':>10}{'step s':>9}{'first s':>9}", file=sys.stderr)
+            import transformers
+
+            json.dump(dict(torch=torch.__version__, transformers=transformers.__version__, device=_device_name(args.device),
+                           command="python " + " ".join(sys.argv), rows=rows), f, indent=1)
+    print(f"\n{'variant':<16}{'ckpt':<6}{'seq':>7}{'peak GiB':>10}{'step s':>9}{'first s':>9}", file=sys.stderr)
     for r in rows:
         peak = "oom" if r.get("oom") else (f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-")
-        print(f"{r['variant']:<10}{str(r['ckpt']):<6}{r['seq']:>7}{peak:>10}{r.get('step_s', float('nan')):>9.3f}"
+        print(f"{r['variant']:<16}{str(r['ckpt']):<6}{r['seq']:>7}{peak:>10}{r.get('step_s', float('nan')):>9.3f}"
               f"{r.get('first_s', float('nan')):>9.1f}", file=sys.stderr)
     return rows
 
