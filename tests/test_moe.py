@@ -181,3 +181,50 @@ def test_no_new_graph_breaks():
     _step(model, inputs, weights, call=torch.compile(model, backend=counting_tilepass))
     assert len(tiled) == len(plain)
     assert len(rewritten("moe")) == 2
+
+
+class GroupedMoE(nn.Module):
+    """transformers' grouped_mm dispatch as it runs on CUDA: F.grouped_mm, and the sorted
+    expert ids cast to int before histc (here cast back to float: CPU histc needs floats)."""
+
+    def __init__(self, h=16, i=24, experts=4, k=2, hist_max=None):
+        super().__init__()
+        self.router = nn.Linear(h, experts, bias=False)
+        self.gate_up = nn.Parameter(torch.randn(experts, h, 2 * i) * 0.2)
+        self.down = nn.Parameter(torch.randn(experts, i, h) * 0.2)
+        self.k, self.experts = k, experts
+        self.hist_max = experts - 1 if hist_max is None else hist_max
+
+    def forward(self, x):
+        b, s, h = x.shape
+        flat = x.reshape(-1, h)
+        weights, ids = torch.topk(F.softmax(self.router(flat), dim=-1), self.k, dim=-1)
+        sample_weights, expert_ids = weights.reshape(-1), ids.reshape(-1)
+        expert_ids_g, perm = torch.sort(expert_ids)
+        xg = flat[perm // self.k]
+        counts = torch.histc(expert_ids_g.int().float(), bins=self.experts, min=0, max=self.hist_max)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        gate, up = F.grouped_mm(xg, self.gate_up, offs=offsets).chunk(2, dim=-1)
+        out = F.grouped_mm(F.silu(gate) * up, self.down, offs=offsets) * sample_weights[perm].unsqueeze(-1)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.shape[0])
+        return out[inv].view(b * s, self.k, h).sum(dim=1).reshape(b, s, h)
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch.nn.functional.grouped_mm is new in this torch")
+@pytest.mark.parametrize("hist_max,tiled", [(None, True), (4, False)])
+def test_functional_grouped_mm_and_int_cast(hist_max, tiled):
+    torch.manual_seed(0)
+    model = GroupedMoE(hist_max=hist_max).to(torch.bfloat16)  # grouped_mm's fake kernel wants bf16
+    x = torch.randn(2, 21, 16, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, 21, 16, dtype=torch.bfloat16)
+    want = torch.autograd.grad(model(x), [x, *model.parameters()], g)
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=3))
+    got = torch.autograd.grad(compiled(x), [x, *model.parameters()], g)
+    for a, b in zip(got, want):  # bf16: error relative to each gradient's norm
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+    if tiled:
+        assert [r.pattern for r in rewritten("moe")] == ["moe_grouped_mm_top2"]
+    else:  # histc over [0, 4] for 4 experts: not provably one group per expert, left alone
+        [r] = rejected("moe")
+        assert "grouped matmul over 4 experts whose groups were counted with histc(4, 0, 4)" in r.reason, r.reason

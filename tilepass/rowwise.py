@@ -37,7 +37,7 @@ ELEMENTWISE_FUNCTIONS = {
 ELEMENTWISE_METHODS = {
     "tanh", "sigmoid", "exp", "erf", "neg", "abs", "sqrt", "rsqrt", "relu", "square", "sin",
     "cos", "log", "mul", "add", "sub", "div", "pow", "clamp", "clamp_min", "clamp_max", "clip",
-    "float", "double", "half", "bfloat16", "to", "contiguous",
+    "float", "double", "half", "bfloat16", "int", "long", "bool", "to", "type", "contiguous",
 }
 # Nonlinearities: a chain of projections is an MLP only if one of these sits between them.
 ACTIVATIONS = {

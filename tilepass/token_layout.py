@@ -77,11 +77,13 @@ class EmptyLike:  # uninitialised buffer shaped like a permutation (becomes InvP
 @dataclasses.dataclass(frozen=True)
 class Counts:
     key: fx.Node
+    bins: Any  # (bins, min, max) of the histc
 
 
 @dataclasses.dataclass(frozen=True)
 class Offsets:
     key: fx.Node
+    bins: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +128,7 @@ _CUMSUM = {torch.cumsum}
 _BMM = {torch.bmm, torch.matmul, operator.matmul}
 _EMPTY_LIKE = {torch.empty_like}
 _VIEW_METHODS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "contiguous"}
+_CASTS = {"int", "long", "float", "to", "type"}
 _VIEW_FUNCTIONS = {torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze}
 
 
@@ -186,7 +189,7 @@ class LayoutAnalysis:
             src = self.of(args[0])
             dim = node.kwargs.get("dim", args[1] if len(args) > 1 else None)
             if isinstance(src, Counts) and dim in (0, -1):
-                return Offsets(src.key)
+                return Offsets(src.key, src.bins)
             if isinstance(src, Tok):
                 return self._along_features(node, src, dim, "cumsum")
             raise NotTokenwise(f"op `cumsum` over {self._describe(src)}")
@@ -213,6 +216,10 @@ class LayoutAnalysis:
             if m is not None and len(args) == 1:
                 return Arange(m)
             raise NotTokenwise(f"op `{name}` with a size that is not a row count")
+        if _is(node, set(), _CASTS) and len(node.args) <= 2 and not node.kwargs.get("device"):
+            src = self.of(args[0])
+            if not isinstance(src, (Tok, Ext, Tuple, NoValue)):
+                return src  # e.g. sorted expert ids or offsets cast to int32
         if _is(node, _VIEW_FUNCTIONS, _VIEW_METHODS):
             return self._view(node)
         if _is(node, _BMM, {"bmm", "matmul"}) and not rowwise.matmul_operands(node) or _is(node, {torch.bmm}, {"bmm"}):
@@ -293,7 +300,9 @@ class LayoutAnalysis:
     def _histc(self, node: fx.Node) -> Any:
         src = self.of(node.args[0])
         if isinstance(src, Tok) and src.perm is not None and src.m and self._sorted_keys(node.args[0]):
-            return Counts(src.perm)
+            names = ("bins", "min", "max")
+            given = dict(zip(names, node.args[1:]), **{k: v for k, v in node.kwargs.items() if k in names})
+            return Counts(src.perm, (given.get("bins", 100), given.get("min", 0), given.get("max", 0)))
         raise NotTokenwise("op `histc` over token data other than sorted expert ids")
 
     def _sorted_keys(self, node: Any) -> bool:
@@ -310,6 +319,9 @@ class LayoutAnalysis:
         offs = node.kwargs.get("offs", node.args[2] if len(node.args) > 2 else None)
         lx, lw, lo = self.of(x), self.of(w), self.of(offs)
         if isinstance(lx, Tok) and lx.perm is not None and isinstance(lw, Ext) and isinstance(lo, Offsets) and lo.key is lx.perm:
+            experts = example_value(w).shape[0] if isinstance(example_value(w), torch.Tensor) else None
+            if lo.bins != (experts, 0, (experts or 0) - 1):
+                raise NotTokenwise(f"a grouped matmul over {experts} experts whose groups were counted with histc{lo.bins}")
             self.experts += 1
             return lx
         raise NotTokenwise("a grouped matmul whose groups are not the sorted rows of its input")
