@@ -184,8 +184,9 @@ def test_no_new_graph_breaks():
 
 
 class GroupedMoE(nn.Module):
-    """transformers' grouped_mm dispatch as it runs on CUDA: F.grouped_mm, and the sorted
-    expert ids cast to int before histc (here cast back to float: CPU histc needs floats)."""
+    """transformers' grouped_mm dispatch as it runs on CUDA: F.grouped_mm, sentinel masks
+    for expert parallelism, and the sorted expert ids cast to int before histc (here cast
+    back to float: CPU histc needs floats)."""
 
     def __init__(self, h=16, i=24, experts=4, k=2, hist_max=None):
         super().__init__()
@@ -201,7 +202,9 @@ class GroupedMoE(nn.Module):
         weights, ids = torch.topk(F.softmax(self.router(flat), dim=-1), self.k, dim=-1)
         sample_weights, expert_ids = weights.reshape(-1), ids.reshape(-1)
         expert_ids_g, perm = torch.sort(expert_ids)
-        xg = flat[perm // self.k]
+        sentinel = (expert_ids_g >= self.experts).unsqueeze(-1)  # expert-parallel sentinels (none here)
+        expert_ids_g.clamp_(max=self.experts - 1)
+        xg = flat[perm // self.k].masked_fill(sentinel, 0.0)
         counts = torch.histc(expert_ids_g.int().float(), bins=self.experts, min=0, max=self.hist_max)
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         gate, up = F.grouped_mm(xg, self.gate_up, offs=offsets).chunk(2, dim=-1)

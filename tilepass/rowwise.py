@@ -28,7 +28,9 @@ ELEMENTWISE_FUNCTIONS = {
     torch.tanh, torch.sigmoid, torch.exp, torch.erf, torch.neg, torch.abs, torch.sqrt,
     torch.rsqrt, torch.relu, torch.square, torch.sin, torch.cos, torch.log,
     torch.mul, torch.add, torch.sub, torch.div, torch.pow, torch.maximum, torch.minimum,
-    torch.clamp, torch.clip,
+    torch.clamp, torch.clip, torch.where, torch.masked_fill,
+    torch.ge, torch.gt, torch.le, torch.lt, torch.eq, torch.ne, torch.logical_and, torch.logical_or, torch.logical_not,
+    operator.ge, operator.gt, operator.le, operator.lt, operator.eq, operator.ne, operator.and_, operator.or_, operator.invert,
     operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow,
     operator.imul, operator.iadd, operator.isub, operator.itruediv,
     F.silu, F.gelu, F.relu, F.relu6, F.leaky_relu, F.mish, F.softplus, F.hardswish,
@@ -38,6 +40,7 @@ ELEMENTWISE_METHODS = {
     "tanh", "sigmoid", "exp", "erf", "neg", "abs", "sqrt", "rsqrt", "relu", "square", "sin",
     "cos", "log", "mul", "add", "sub", "div", "pow", "clamp", "clamp_min", "clamp_max", "clip",
     "float", "double", "half", "bfloat16", "int", "long", "bool", "to", "type", "contiguous",
+    "ge", "gt", "le", "lt", "eq", "ne", "masked_fill", "logical_and", "logical_or", "logical_not", "__and__", "__or__",
 }
 # Nonlinearities: a chain of projections is an MLP only if one of these sits between them.
 ACTIVATIONS = {

@@ -26,7 +26,8 @@ def main(src: str, dst: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     layers = rows[0]["layers"]
-    fig.suptitle(f"{layers}-layer Llama-3.2-1B-shaped stack, bf16, layer checkpointing — {data['device']}, torch {data['torch']}")
+    shape = "Qwen3-30B-A3B-shaped MoE" if rows[0].get("model") == "moe" else "Llama-3.2-1B-shaped"
+    fig.suptitle(f"{layers}-layer {shape} stack, bf16, layer checkpointing — {data['device']}, torch {data['torch']}")
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 
