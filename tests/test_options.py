@@ -10,13 +10,14 @@ from tilepass.options import Options, OptionsError
 
 def test_defaults():
     o = Options.parse(None)
-    assert (o.num_tiles, o.tile_tokens, o.downstream, o.mlp, o.moe, o.accumulate_fp32) == (None, None, "inductor", True, True, False)
+    assert (o.num_tiles, o.tile_tokens, o.downstream, o.mlp, o.moe, o.attention, o.accumulate_fp32) == (
+        None, None, "inductor", True, True, False, False)
 
 
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, moe, accumulate_fp32"),
+        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, moe, attention, accumulate_fp32"),
         ({"num_tiles": 0}, r"'num_tiles' must be a positive int"),
         ({"num_tiles": True}, r"'num_tiles' must be a positive int"),
         ({"tile_tokens": 2.5}, r"'tile_tokens' must be a positive int"),

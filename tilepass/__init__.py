@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from . import report as _report
+from . import attention_runtime as _attention_runtime
 from . import runtime as _runtime
 from .backend import backend, reset_graph_counter, tilepass_backend
 from .dump import dump
@@ -36,6 +37,7 @@ def reset() -> None:
     torch._dynamo.reset()
     _report.clear()
     _runtime.clear_regions()
+    _attention_runtime.clear_masks()
     reset_graph_counter()
 
 

@@ -66,10 +66,12 @@ def tilepass_backend(
     if graph_dump is not None:
         graph_dump.finish(ctx.records, opts, ctx.programs)
     report.logger.info("tilepass: %s", report.summarize(ctx.graph_index, ctx.records))
-    return compile_downstream(gm, example_inputs, opts.downstream, mode)
+    return compile_downstream(gm, example_inputs, opts.downstream, mode, ctx.inductor_patches)
 
 
-def compile_downstream(gm: fx.GraphModule, example_inputs: Sequence[Any], downstream: str, mode: str | None) -> Callable[..., Any]:
+def compile_downstream(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], downstream: str, mode: str | None, patches: dict | None = None,
+) -> Callable[..., Any]:
     if downstream == "eager":
         return gm.forward
     if downstream == "aot_eager":
@@ -78,8 +80,9 @@ def compile_downstream(gm: fx.GraphModule, example_inputs: Sequence[Any], downst
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    patches = torch._inductor.list_mode_options(mode) if mode else None
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    config = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    config.update(patches or {})
+    return compile_fx(gm, example_inputs, config_patches=config or None)
 
 
 def backend(**options: Any) -> Callable[..., Any]:

@@ -13,7 +13,7 @@ first compile; no timestamps, so dumps of two runs diff cleanly)::
       stage_00_dynamo.py        the graph Dynamo handed to tilepass, shape-annotated
       stage_01_after_moe.py     after each pass that rewrote something
       stage_02_after_mlp.py
-      tile_programs/<key>.py    each region's per-tile program
+      tile_programs/<key>.py    each region's per-tile program (and each routed mask's mask_mod)
       report.json               every region and every rejected candidate, with reasons
       graph.html                the graph with rewritten regions highlighted and near
                                 misses marked with their reason (opens offline)
@@ -56,17 +56,20 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "required": ["kind", "pattern", "module", "nodes", "tiles", "tile_tokens", "tokens",
                              "intermediate_bytes", "saved_bytes", "region_key"],
+                "if": {"properties": {"kind": {"enum": ["mlp", "moe"]}}},
+                "then": {"properties": {"tiles": {"type": "integer"}, "tile_tokens": {"type": "integer"},
+                                        "intermediate_bytes": {"type": "integer"}, "saved_bytes": {"type": "integer"}}},
                 "properties": {
                     "kind": {"enum": ["mlp", "moe", "attention"]},
                     "pattern": {"type": "string"},
                     "module": {"type": "string"},
                     "nodes": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                    "tiles": {"type": "integer", "minimum": 1},
-                    "tile_tokens": {"type": "integer", "minimum": 1},
-                    "tokens": {"type": "integer", "minimum": 1},
-                    "intermediate_bytes": {"type": "integer", "minimum": 0},
-                    "saved_bytes": {"type": "integer", "minimum": 0},
-                    "region_key": {"type": "string"},
+                    "tiles": {"type": ["integer", "null"], "minimum": 1},
+                    "tile_tokens": {"type": ["integer", "null"], "minimum": 1},
+                    "tokens": {"type": ["integer", "null"], "minimum": 1},
+                    "intermediate_bytes": {"type": ["integer", "null"], "minimum": 0},
+                    "saved_bytes": {"type": ["integer", "null"], "minimum": 0},
+                    "region_key": {"type": ["string", "null"]},
                 },
             },
         },
@@ -149,13 +152,19 @@ class GraphDump:
         progs = self.dir / "tile_programs"
         for key, code in programs.items():
             progs.mkdir(exist_ok=True)
-            (progs / f"{key}.py").write_text(f"# tile program {key}: fn(x_tile, *params) -> outputs\nimport torch\n{code}\n")
+            (progs / f"{key}.py").write_text(_program_header(key) + code + "\n")
         report = build_report(records, options, self.compile_id, self.graph_index)
         (self.dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         (self.dir / "graph.html").write_text(render_html(report, self.before or [], self.stages))
         (self.dir.parent / "report.schema.json").write_text(json.dumps(REPORT_SCHEMA, indent=1) + "\n")
         _trace_artifact("tilepass_report", "json", lambda: json.dumps(report))
         return report
+
+
+def _program_header(key: str) -> str:
+    if key.startswith("mask_"):
+        return f"# mask program {key}: fn(b, h, q_idx, kv_idx, *data) -> bool, the flex attention mask_mod\nimport torch\n"
+    return f"# tile program {key}: fn(x_tile, *params) -> outputs, run on each tile\nimport torch\n"
 
 
 def build_report(records: list, options: Any, compile_id: str, graph_index: int) -> dict:
@@ -219,11 +228,15 @@ def render_html(report: dict, nodes: list[dict], stages: list[tuple[str, str]]) 
         rid = f"r{i}"
         for n in r["nodes"]:
             mark[n] = ("rewritten", rid)
+        if r["kind"] == "attention":
+            detail = f'routed to flex attention, BlockMask: {html.escape(r["pattern"])}'
+        else:
+            detail = (f'{r["tiles"]} tiles × ≤{r["tile_tokens"]} tokens of {r["tokens"]}; '
+                      f'≈{r["saved_bytes"] / 2**20:.2f} MiB of activations not kept<br><span class="sub">{len(r["nodes"])} nodes → '
+                      f'tilepass::tiled_forward({html.escape(r["region_key"] or "")})</span>')
         cards.append(
             f'<div class="card rewritten" id="{rid}" data-region="{rid}"><b>{html.escape(r["kind"])}: {html.escape(r["pattern"])}</b><br>'
-            f'{html.escape(r["module"] or "<root>")}<br>{r["tiles"]} tiles × ≤{r["tile_tokens"]} tokens of {r["tokens"]}; '
-            f'≈{r["saved_bytes"] / 2**20:.2f} MiB of activations not kept<br><span class="sub">{len(r["nodes"])} nodes → '
-            f'tilepass::tiled_forward({html.escape(r["region_key"])})</span></div>'
+            f'{html.escape(r["module"] or "<root>")}<br>{detail}</div>'
         )
     for i, r in enumerate(report["rejected"]):
         rid = f"x{i}"

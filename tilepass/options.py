@@ -29,6 +29,9 @@ class Options:
     mlp: bool = True
     #: Rewrite MoE blocks (router + experts + combine, optional shared expert).
     moe: bool = True
+    #: Route SDPA attention to flex attention with a BlockMask (causal, sliding window,
+    #: padding, packed documents). Off by default until its training path is measured on GPU.
+    attention: bool = False
     #: Sum weight gradients over tiles in float32 for low-precision parameters. Costs one
     #: float32 buffer per weight of the region (2x a bf16 weight) during its backward.
     accumulate_fp32: bool = False
@@ -66,9 +69,14 @@ class Options:
             raise OptionsError(
                 f"tilepass option 'downstream' must be one of {', '.join(map(repr, DOWNSTREAMS))}, got {self.downstream!r}"
             )
-        for name in ("mlp", "moe", "accumulate_fp32"):
+        for name in ("mlp", "moe", "attention", "accumulate_fp32"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"tilepass option {name!r} must be True or False, got {getattr(self, name)!r}")
+        if self.attention and self.downstream != "inductor":
+            raise OptionsError(
+                "tilepass option 'attention' routes to flex attention, which is only fast when inductor "
+                f"compiles it; use downstream='inductor' (got {self.downstream!r}) or attention=False"
+            )
 
 
 def default_num_tiles(num_tokens: int, in_features: int, intermediate: int) -> int:

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from . import runtime
+from . import attention_runtime, flex_versions, runtime
+from .match_attention import find_attention
 from .fx_utils import autocast_state, hint, tensor_value
 from .match_mlp import find_mlps
 from .match_moe import find_moes
@@ -33,6 +34,7 @@ class PassContext:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     programs: dict[str, str] = dataclasses.field(default_factory=dict)  # region key -> tile program code
     on_stage: Callable[[str, fx.GraphModule], None] | None = None  # called with the graph after each pass
+    inductor_patches: dict = dataclasses.field(default_factory=dict)  # config the downstream compile needs
 
 
 Pass = Callable[[fx.GraphModule, PassContext], int]
@@ -126,11 +128,51 @@ def tile_moes(gm: fx.GraphModule, ctx: PassContext) -> int:
     return len(matches)
 
 
+def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """Replace provably equivalent SDPA calls with flex attention over a BlockMask."""
+    sites, rejections = find_attention(gm.graph)
+    for r in rejections:
+        ctx.records.append(Record("rejected", "attention", r.module, "sdpa", ctx.graph_index,
+                                  reason=r.reason, nodes=[r.node.name]))
+    routed = 0
+    for s in sites:
+        qv = tensor_value(s.q)
+        training = torch.is_grad_enabled() and any(tensor_value(t).requires_grad for t in (s.q, s.k, s.v))
+        if training and not flex_versions.flex_backward_supported(qv.device.type):
+            ctx.records.append(Record(
+                "rejected", "attention", s.module, s.pattern, ctx.graph_index, nodes=[s.node.name],
+                reason=f"flex attention cannot run a backward on {qv.device.type} with this torch; "
+                       "attention is routed there only where no gradient flows (eval, no_grad)"))
+            continue
+        key = None
+        if s.mask is not None:
+            key = program_key("mask", s.mask.program, None)
+            attention_runtime.register_mask(key, s.mask.program)
+            ctx.programs[key] = s.mask.program.code
+        with gm.graph.inserting_before(s.node):
+            new = gm.graph.call_function(attention_runtime.flex_sdpa, (s.q, s.k, s.v, list(s.mask.data) if s.mask else []), dict(
+                mask_key=key, causal=s.causal, scale=s.scale, enable_gqa=s.enable_gqa,
+                per_batch=bool(s.mask and "b" in s.mask.uses), per_head=bool(s.mask and "h" in s.mask.uses)))
+        new.meta.update({k: v for k, v in s.node.meta.items() if k in ("example_value", "nn_module_stack", "stack_trace")})
+        s.node.replace_all_uses_with(new)
+        gm.graph.erase_node(s.node)
+        ctx.inductor_patches.update(flex_versions.inductor_patches(training, qv.device.type))
+        ctx.records.append(Record("rewritten", "attention", s.module, s.pattern, ctx.graph_index,
+                                  nodes=[s.node.name], region_key=key, tokens=int(qv.shape[2])))
+        routed += 1
+    if routed:
+        gm.graph.eliminate_dead_code()  # the dense mask construction goes with its last user
+        gm.graph.lint()
+        gm.recompile()
+    return routed
+
+
 # name -> (pass, the option that switches it); MoE first, so that a shared expert (a
 # dense MLP inside the block) is tiled with its block.
 PASSES: dict[str, tuple[Pass, str]] = {
     "moe": (tile_moes, "moe"),
     "mlp": (tile_mlps, "mlp"),
+    "attention": (route_attention, "attention"),
 }
 
 

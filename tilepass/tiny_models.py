@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ARCHS = ("llama", "qwen3", "gemma2", "phi3", "gpt2")
+ARCHS = ("llama", "qwen3", "gemma2", "phi3", "gpt2", "mistral")
 MOE_ARCHS = ("gpt_oss", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
 
 _COMMON = dict(
@@ -29,6 +29,8 @@ def tiny_config(arch: str, **overrides: Any):
     kw = dict(_COMMON)
     if arch == "gemma2":
         kw.update(sliding_window=64, query_pre_attn_scalar=16)
+    if arch == "mistral":
+        kw.update(sliding_window=8)  # shorter than the test sequences, so the window matters
     if arch in MOE_ARCHS:
         # 4 experts, top-2, every layer sparse; the aux loss reads the router logits.
         kw.update(num_local_experts=4, num_experts=4, num_experts_per_tok=2, experts_per_token=2,

@@ -1,0 +1,217 @@
+"""Attention routing to flex attention: the version table, mask lifting, CPU eval routing.
+
+Flex attention has no backward on CPU, so training through routed attention is tested on
+CUDA only (skipped here); on CPU tilepass must decline to route where gradients flow.
+"""
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import tilepass
+from tilepass import compat, flex_versions
+from tilepass.match_attention import find_attention
+from tilepass.options import OptionsError
+from tilepass.tiny_models import tiny_model
+
+from conftest import rejected, rewritten
+
+
+# --- the version table, every row --------------------------------------------------------
+
+@pytest.mark.parametrize("version,dynamic,pad,train_mode,lse", [
+    ((2, 5, 1), False, 128, None, "return_lse"),
+    ((2, 6, 0), None, None, "max-autotune-no-cudagraphs", "return_lse"),
+    ((2, 7, 0), None, None, None, "return_lse"),
+    ((2, 8, 0), None, None, None, "return_lse"),
+    ((2, 9, 0), None, None, None, "return_aux"),
+    ((2, 13, 0), None, None, None, "return_aux"),
+])
+def test_version_table_rows(monkeypatch, version, dynamic, pad, train_mode, lse):
+    monkeypatch.setattr(compat, "TORCH_VERSION", version)
+    row = flex_versions.flex_row()
+    assert (row.dynamic, row.pad_to, row.training_mode, row.lse_api) == (dynamic, pad, train_mode, lse)
+    patches = flex_versions.inductor_patches(training=True, device_type="cuda")
+    assert ("max_autotune" in patches) == (train_mode is not None)
+    assert flex_versions.inductor_patches(training=False, device_type="cuda") == {}
+    kwargs = flex_versions.lse_kwargs()
+    assert list(kwargs) == [lse]
+
+
+def test_version_table_rejects_old_torch():
+    with pytest.raises(RuntimeError, match="flex attention needs torch>=2.5"):
+        flex_versions.flex_row((2, 4, 1))
+
+
+def test_lse_unpacking_matches_the_installed_api():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.randn(1, 2, 8, 4)
+    out, lse = flex_versions.unpack_lse(flex_attention(q, q, q, **flex_versions.lse_kwargs()))
+    ref = torch.logsumexp((q @ q.transpose(-1, -2)) / 2.0, dim=-1)
+    torch.testing.assert_close(lse, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_devices_and_backward_feature_probe():
+    assert flex_versions.inductor_patches(False, "cpu") == {"epilogue_fusion": False}
+    assert flex_versions.mask_buffers_must_be_realized("cpu") and not flex_versions.mask_buffers_must_be_realized("cuda")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.zeros(1, 1, 16, 16, requires_grad=True)
+    try:
+        flex_attention(q, q, q).sum().backward()
+        can = True
+    except NotImplementedError:
+        can = False
+    assert flex_versions.flex_backward_supported("cpu") is can
+
+
+# --- mask lifting: exact, pointwise ----------------------------------------------------
+
+def _capture(model, **inputs):
+    """The Dynamo graph of ``model`` and the dense masks SDPA received, by node name."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=keep)(**inputs)
+    gm, example_inputs = graphs[-1]
+    masks, values = {}, {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            values[n] = out
+            if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
+                masks[n.name] = n.kwargs.get("attn_mask") if "attn_mask" in n.kwargs else None
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*example_inputs)
+    return gm, {k: values[m] for k, m in masks.items() if m is not None}, values
+
+
+@pytest.mark.parametrize("arch,pad", [("llama", True), ("mistral", False), ("mistral", True), ("qwen3", True)])
+def test_lifted_mask_equals_the_dense_mask(arch, pad):
+    model = tiny_model(arch, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 128, (2, 40))
+    am = torch.ones(2, 40, dtype=torch.long)
+    am[1, :13] = 0  # left padding
+    gm, dense, values = _capture(model, input_ids=ids, attention_mask=am if pad else None)
+    sites, rejections = find_attention(gm.graph)
+    assert not rejections and len(sites) == 2 and dense
+    for site in sites:
+        want = dense[site.node.name].expand(2, 1, 40, 40)
+        b, h, q, kv = (torch.arange(n).view(*(1 if j != i else n for j in range(4))) for i, n in enumerate((2, 1, 40, 40)))
+        got = site.mask.program(b, h, q, kv, *(values[d] for d in site.mask.data)).expand(2, 1, 40, 40)
+        assert torch.equal(got, want)
+        assert ("b" in site.mask.uses) == pad
+
+
+def test_float_mask_and_dropout_are_not_routed():
+    def f(q, k, v, m):
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        return a + F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+
+    g = fx.symbolic_trace(f)
+    shape = (1, 2, 8, 4)
+    for n in g.graph.nodes:
+        if n.op == "placeholder":
+            n.meta["example_value"] = torch.randn(1, 1, 8, 8) if n.name == "m" else torch.randn(shape)
+        if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
+            n.meta["example_value"] = torch.randn(shape)
+    sites, rejections = find_attention(g.graph)
+    assert sites == []
+    assert sorted(r.reason for r in rejections) == [
+        "attention dropout p=0.1: flex attention has no dropout",
+        "the mask is a torch.float32 tensor (an additive mask), not a boolean one",
+    ]
+
+
+# --- routing end to end, eval on CPU ------------------------------------------------------
+
+def _routed_graphs(model, inputs, **options):
+    graphs = []
+
+    def wrapped(gm, example_inputs):
+        fn = tilepass.tilepass_backend(gm, example_inputs, options=dict(attention=True, **options))
+        graphs.append(gm)
+        return fn
+
+    with torch.no_grad():
+        out = torch.compile(model, backend=wrapped)(**inputs)
+    return out, graphs
+
+
+@pytest.mark.parametrize("arch,pad,pattern", [
+    ("llama", False, "causal"), ("llama", True, "mask(b,kv_idx,q_idx)"),
+    ("mistral", False, "mask(kv_idx,q_idx)"), ("mistral", True, "mask(b,kv_idx,q_idx)"),
+])
+def test_eval_routing_matches_sdpa(arch, pad, pattern):
+    model = tiny_model(arch, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 128, (2, 150))
+    am = torch.ones(2, 150, dtype=torch.long)
+    am[1, :37] = 0
+    inputs = dict(input_ids=ids, attention_mask=am if pad else None)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    out, graphs = _routed_graphs(model, inputs, mlp=False)
+    valid = am.bool() if pad else torch.ones_like(am, dtype=torch.bool)
+    torch.testing.assert_close(out.logits[valid], want[valid], rtol=1e-5, atol=1e-5)  # float32
+    routed = rewritten("attention")
+    assert [r.pattern for r in routed] == [pattern, pattern]
+    # the dense mask construction left the graph: no [.., Q, KV] tensor, no SDPA
+    for gm in graphs:
+        for n in gm.graph.nodes:
+            v = n.meta.get("example_value")
+            assert not (isinstance(v, torch.Tensor) and v.dim() == 4 and tuple(v.shape[-2:]) == (150, 150)), n.name
+            assert n.target is not F.scaled_dot_product_attention
+
+
+def test_training_on_cpu_is_not_routed_and_stays_exact():
+    model = tiny_model("llama", attn_implementation="sdpa")
+    ids = torch.randint(3, 128, (2, 24))
+    want = model(input_ids=ids, labels=ids).loss
+    got = torch.compile(model, backend="tilepass", options=dict(attention=True, num_tiles=2))(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    reasons = {r.reason for r in rejected("attention")}
+    assert reasons == {"flex attention cannot run a backward on cpu with this torch; attention is routed there "
+                       "only where no gradient flows (eval, no_grad)"}
+    assert len(rewritten("mlp")) == 2
+
+
+def test_attention_needs_inductor():
+    with pytest.raises(OptionsError, match="use downstream='inductor'"):
+        tilepass.backend(attention=True, downstream="aot_eager")
+
+
+def test_attention_is_off_by_default():
+    model = tiny_model("llama", attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager"))(input_ids=torch.randint(3, 128, (1, 8)))
+    assert not rewritten("attention") and not rejected("attention")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention training needs a GPU (no CPU backward)")
+@pytest.mark.parametrize("arch,pad", [("llama", False), ("llama", True), ("mistral", True)])
+def test_training_on_cuda_matches_sdpa(arch, pad):
+    model = tiny_model(arch, attn_implementation="sdpa").cuda()
+    ids = torch.randint(3, 128, (2, 256), device="cuda")
+    am = torch.ones(2, 256, dtype=torch.long, device="cuda")
+    am[1, :37] = 0
+    inputs = dict(input_ids=ids, attention_mask=am if pad else None, labels=ids)
+    want_loss = model(**inputs).loss
+    want_loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    got_loss = torch.compile(model, backend="tilepass", options=dict(attention=True))(**inputs).loss
+    got_loss.backward()
+    assert len(rewritten("attention")) == 2
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-4)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-3, atol=1e-4)
+

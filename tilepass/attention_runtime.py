@@ -1,0 +1,81 @@
+"""Routed attention at run (and trace) time: build the BlockMask, call flex_attention.
+
+:func:`flex_sdpa` replaces a ``scaled_dot_product_attention`` call in the graph. It is a
+plain function: AOTAutograd traces through it, so ``create_block_mask`` and the
+``flex_attention`` higher-order op land in the graph inductor compiles (and the mask
+program's ops are traced into the mask_mod subgraph, never into an O(seq²) tensor of the
+training graph). Knows nothing of FX matching.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import flex_versions
+
+_MASKS: dict[str, Callable[..., Tensor]] = {}
+
+
+@torch.library.custom_op("tilepass::realize", mutates_args=())
+def realize(x: Tensor) -> Tensor:
+    """A copy inductor cannot fuse away: it hands the flex kernel a real buffer."""
+    return x.clone()
+
+
+@realize.register_fake
+def _realize_fake(x):
+    return torch.empty_like(x)
+
+
+def register_mask(key: str, program: Callable[..., Tensor]) -> None:
+    _MASKS[key] = program
+
+
+def clear_masks() -> None:
+    _MASKS.clear()
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def flex_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    data: Sequence[Tensor],
+    *,
+    mask_key: str | None,
+    causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    per_batch: bool,
+    per_head: bool,
+) -> Tensor:
+    """``scaled_dot_product_attention(q, k, v, mask, is_causal, scale, enable_gqa)`` as
+    flex attention, the mask given by a registered mask program over ``data``."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if flex_versions.mask_buffers_must_be_realized(q.device.type):
+        data = [realize(d) for d in data]
+    if causal:
+        mask_mod = _causal
+    elif mask_key is not None:
+        program = _MASKS[mask_key]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return program(b, h, q_idx, kv_idx, *data)
+    else:
+        mask_mod = None
+    block_mask = None
+    if mask_mod is not None:
+        block_mask = create_block_mask(
+            mask_mod, q.shape[0] if per_batch else None, q.shape[1] if per_head else None,
+            q.shape[2], k.shape[2], device=q.device,
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # traced here, compiled by inductor: not the eager path it warns about
+        return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
