@@ -55,38 +55,50 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return hint(t.numel()) * t.element_size()
 
 
+def _reject(ctx: PassContext, kind: str, rejections) -> None:
+    for r in rejections:
+        ctx.records.append(Record("rejected", kind, r.module, r.pattern, ctx.graph_index,
+                                  reason=r.reason, nodes=[n.name for n in r.nodes]))
+
+
+def _tile_region(gm: fx.GraphModule, ctx: PassContext, kind: str, m, program: fx.GraphModule,
+                 specs: list, cast, tokens: int, width: int, outputs: list, intermediates: list) -> None:
+    """Register ``program`` as a tiled region, splice it over ``m``'s nodes, record it."""
+    num_tiles, tile_tokens = resolve_tiles(ctx.options, tokens, m.in_features, width)
+    sizes = runtime.tile_sizes(tokens, num_tiles, tile_tokens)
+    key = program_key(kind, program, (specs, cast, ctx.options.accumulate_fp32))
+    runtime.register_region(key, runtime.RegisteredRegion(program, tuple(specs), cast, ctx.options.accumulate_fp32))
+    ctx.programs[key] = program.code
+    splice_tiled_region(gm.graph, key, m.source, m.params, outputs, num_tiles, tile_tokens, m.nodes[0])
+    inter = sum(_nbytes(tensor_value(n)) for n in intermediates)
+    ctx.records.append(Record(
+        "rewritten", kind, m.module, m.pattern, ctx.graph_index, tiles=len(sizes),
+        tile_tokens=max(sizes) if sizes else 0, tokens=tokens, nodes=[n.name for n in m.nodes],
+        region_key=key, intermediate_bytes=inter,
+        saved_bytes=inter - (inter * max(sizes) // tokens if tokens else 0),
+    ))
+
+
+def _cleanup(gm: fx.GraphModule, rewrites: int) -> int:
+    if rewrites:
+        gm.graph.eliminate_dead_code()  # the replaced regions (and a routed dense mask) go
+        gm.graph.lint()
+        gm.recompile()
+    return rewrites
+
+
 def tile_mlps(gm: fx.GraphModule, ctx: PassContext) -> int:
     """Rewrite every dense MLP into a sequence-tiled, recomputed region."""
     matches, rejections = find_mlps(gm.graph)
     autocast = autocast_state(gm.graph)
-    for r in rejections:
-        ctx.records.append(Record("rejected", "mlp", r.module, r.pattern, ctx.graph_index,
-                                  reason=r.reason, nodes=[n.name for n in r.nodes]))
+    _reject(ctx, "mlp", rejections)
     for m in matches:
-        tokens = hint(m.num_tokens)
-        num_tiles, tile_tokens = resolve_tiles(ctx.options, tokens, m.in_features, m.intermediate)
-        sizes = runtime.tile_sizes(tokens, num_tiles, tile_tokens)
-        program = build_tile_program(m.nodes, _token_inputs(m),
-                                     m.params, [m.output], m.num_tokens)
+        program = build_tile_program(m.nodes, _token_inputs(m), m.params, [m.output], m.num_tokens)
         out = tensor_value(m.output)
         spec = runtime.OutputSpec(tuple(int(s) for s in out.shape[-1:]), out.dtype)
-        cast = autocast.get(m.down)
-        key = program_key("mlp", program, (spec, cast, ctx.options.accumulate_fp32))
-        runtime.register_region(key, runtime.RegisteredRegion(program, (spec,), cast, ctx.options.accumulate_fp32))
-        ctx.programs[key] = program.code
-        splice_tiled_region(gm.graph, key, m.source, m.params, [m.output], num_tiles, tile_tokens, m.nodes[0])
-        inter = sum(_nbytes(tensor_value(n)) for n in m.ups + m.inner)
-        ctx.records.append(Record(
-            "rewritten", "mlp", m.module, m.pattern, ctx.graph_index, tiles=len(sizes),
-            tile_tokens=max(sizes) if sizes else 0, tokens=tokens, nodes=[n.name for n in m.nodes],
-            region_key=key, intermediate_bytes=inter,
-            saved_bytes=inter - (inter * max(sizes) // tokens if tokens else 0),
-        ))
-    if matches:
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
-    return len(matches)
+        _tile_region(gm, ctx, "mlp", m, program, [spec], autocast.get(m.down), hint(m.num_tokens),
+                     m.intermediate, [m.output], m.ups + m.inner)
+    return _cleanup(gm, len(matches))
 
 
 def _token_inputs(m) -> set[fx.Node]:
@@ -98,34 +110,14 @@ def tile_moes(gm: fx.GraphModule, ctx: PassContext) -> int:
     """Rewrite every MoE block (router included) into one sequence-tiled region."""
     matches, rejections = find_moes(gm.graph)
     autocast = autocast_state(gm.graph)
-    for r in rejections:
-        ctx.records.append(Record("rejected", "moe", r.module, r.pattern, ctx.graph_index,
-                                  reason=r.reason, nodes=[n.name for n in r.nodes]))
+    _reject(ctx, "moe", rejections)
     for m in matches:
-        num_tiles, tile_tokens = resolve_tiles(ctx.options, m.num_tokens, m.in_features, m.expanded_width)
-        sizes = runtime.tile_sizes(m.num_tokens, num_tiles, tile_tokens)
         program = build_layout_program(m.nodes, m.source, m.params, m.outputs, m.layouts)
-        specs = []
-        for o in m.outputs:
-            ov, lay = tensor_value(o), m.layouts[o]
-            specs.append(runtime.OutputSpec(tuple(int(s) for s in ov.shape[lay.row_dims:]), ov.dtype))
-        cast = autocast.get(m.nodes[0])
-        key = program_key("moe", program, (specs, cast, ctx.options.accumulate_fp32))
-        runtime.register_region(key, runtime.RegisteredRegion(program, tuple(specs), cast, ctx.options.accumulate_fp32))
-        ctx.programs[key] = program.code
-        splice_tiled_region(gm.graph, key, m.source, m.params, m.outputs, num_tiles, tile_tokens, m.nodes[0])
-        inter = sum(_nbytes(tensor_value(n)) for n in m.nodes)
-        ctx.records.append(Record(
-            "rewritten", "moe", m.module, m.pattern, ctx.graph_index, tiles=len(sizes),
-            tile_tokens=max(sizes) if sizes else 0, tokens=m.num_tokens, nodes=[n.name for n in m.nodes],
-            region_key=key, intermediate_bytes=inter,
-            saved_bytes=inter - (inter * max(sizes) // m.num_tokens if m.num_tokens else 0),
-        ))
-    if matches:
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
-    return len(matches)
+        specs = [runtime.OutputSpec(tuple(int(s) for s in tensor_value(o).shape[m.layouts[o].row_dims:]),
+                                    tensor_value(o).dtype) for o in m.outputs]
+        _tile_region(gm, ctx, "moe", m, program, specs, autocast.get(m.nodes[0]), m.num_tokens,
+                     m.expanded_width, m.outputs, m.nodes)
+    return _cleanup(gm, len(matches))
 
 
 def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
@@ -133,7 +125,7 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     sites, rejections = find_attention(gm.graph)
     for r in rejections:
         ctx.records.append(Record("rejected", "attention", r.module, "sdpa", ctx.graph_index,
-                                  reason=r.reason, nodes=[r.node.name]))
+                                  reason=r.reason, nodes=[r.node.name]))  # one node: no region
     routed = 0
     for s in sites:
         qv = tensor_value(s.q)
@@ -160,11 +152,7 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
         ctx.records.append(Record("rewritten", "attention", s.module, s.pattern, ctx.graph_index,
                                   nodes=[s.node.name], region_key=key, tokens=int(qv.shape[2])))
         routed += 1
-    if routed:
-        gm.graph.eliminate_dead_code()  # the dense mask construction goes with its last user
-        gm.graph.lint()
-        gm.recompile()
-    return routed
+    return _cleanup(gm, routed)
 
 
 # name -> (pass, the option that switches it); MoE first, so that a shared expert (a
