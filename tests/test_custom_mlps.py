@@ -165,16 +165,54 @@ def test_token_mixing_op_rejected_and_exact(cls, reason):
     assert r.reason == reason and r.module == "" and r.status == "rejected"
 
 
-def test_dropout_in_training_rejected_eval_tiled():
-    torch.manual_seed(0)
+class DropoutNoBiasMLP(nn.Module):
+    def __init__(self, h=24, i=40, p=0.3):
+        super().__init__()
+        self.fc1, self.fc2, self.p = nn.Linear(h, i), nn.Linear(i, h, bias=False), p
+
+    def forward(self, x):
+        return self.fc2(F.dropout(F.gelu(self.fc1(x)), p=self.p, training=self.training))
+
+
+def test_dropout_one_tile_draws_exactly_the_eager_mask():
+    """With one tile the region draws its mask like eager, from the same generator state:
+    outputs and every gradient are identical."""
     model = DropoutMLP().double()
-    x = torch.randn(2, 19, 24, dtype=torch.float64)
-    torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager"))(x)
-    [r] = rejected()
-    assert "dropout with p=0.1 in training" in r.reason
-    tilepass.reset()
-    model.eval()
-    _check(model, x, dict(downstream="aot_eager", num_tiles=3))
+    x = torch.randn(2, 19, 24, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 19, 24, dtype=torch.float64)
+    torch.manual_seed(123)
+    want = torch.autograd.grad(model(x), [x, *model.parameters()], g)
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=1))
+    torch.manual_seed(123)
+    got = torch.autograd.grad(compiled(x), [x, *model.parameters()], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    [r] = rewritten()
+    assert r.tiles == 1 and not rejected()
+
+
+@pytest.mark.parametrize("downstream", ["aot_eager", "inductor"])
+def test_dropout_recompute_replays_the_forward_masks(downstream):
+    """y = fc2(m * gelu(fc1(x))) is linear in fc2's weight W, so <dL/dW, W> = <y, dL/dy>
+    for the masks the forward drew. A recompute that drew other masks breaks the identity.
+    The caller's generator is left where the forward left it."""
+    model = DropoutNoBiasMLP().double()
+    x = torch.randn(2, 37, 24, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 37, 24, dtype=torch.float64)
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream=downstream, num_tiles=5))
+    torch.manual_seed(7)
+    y = compiled(x)
+    after_forward = torch.get_rng_state()
+    (dw,) = torch.autograd.grad(y, [model.fc2.weight], g)
+    assert torch.equal(torch.get_rng_state(), after_forward)
+    torch.testing.assert_close((dw * model.fc2.weight).sum(), (y * g).sum(), rtol=1e-12, atol=1e-12)
+    [r] = rewritten()
+    assert r.tiles == 5 and not rejected()
+
+
+def test_dropout_eval_is_identity_and_tiled():
+    model = DropoutMLP().double().eval()
+    _check(model, torch.randn(2, 19, 24, dtype=torch.float64), dict(downstream="aot_eager", num_tiles=3))
     assert len(rewritten()) == 1
 
 

@@ -45,6 +45,7 @@ class MlpMatch:
     num_tokens: Any
     in_features: int
     intermediate: int  # total width of the up projections
+    uses_rng: bool = False  # dropout in training inside: its RNG is replayed in the recompute
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -204,6 +205,7 @@ def find_mlps(graph: fx.Graph) -> tuple[list[MlpMatch], list[Rejection]]:
             rejections.append(Rejection(down, reason, match.module, pattern, match.nodes))
             continue
         match.params = _external_inputs(match, num_tokens)
+        match.uses_rng = any(rowwise.classify(n, num_tokens).kind == "random" for n in inner)
         claimed |= set(match.nodes)
         matches.append(match)
     return matches, rejections

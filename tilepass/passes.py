@@ -62,12 +62,13 @@ def _reject(ctx: PassContext, kind: str, rejections) -> None:
 
 
 def _tile_region(gm: fx.GraphModule, ctx: PassContext, kind: str, m, program: fx.GraphModule,
-                 specs: list, cast, tokens: int, width: int, outputs: list, intermediates: list) -> None:
+                 specs: list, cast, tokens: int, width: int, outputs: list, intermediates: list,
+                 uses_rng: bool = False) -> None:
     """Register ``program`` as a tiled region, splice it over ``m``'s nodes, record it."""
     num_tiles, tile_tokens = resolve_tiles(ctx.options, tokens, m.in_features, width)
     sizes = runtime.tile_sizes(tokens, num_tiles, tile_tokens)
-    key = program_key(kind, program, (specs, cast, ctx.options.accumulate_fp32))
-    runtime.register_region(key, runtime.RegisteredRegion(program, tuple(specs), cast, ctx.options.accumulate_fp32))
+    key = program_key(kind, program, (specs, cast, ctx.options.accumulate_fp32, uses_rng))
+    runtime.register_region(key, runtime.RegisteredRegion(program, tuple(specs), cast, ctx.options.accumulate_fp32, uses_rng))
     ctx.programs[key] = program.code
     splice_tiled_region(gm.graph, key, m.source, m.params, outputs, num_tiles, tile_tokens, m.nodes[0])
     inter = sum(_nbytes(tensor_value(n)) for n in intermediates)
@@ -97,7 +98,7 @@ def tile_mlps(gm: fx.GraphModule, ctx: PassContext) -> int:
         out = tensor_value(m.output)
         spec = runtime.OutputSpec(tuple(int(s) for s in out.shape[-1:]), out.dtype)
         _tile_region(gm, ctx, "mlp", m, program, [spec], autocast.get(m.down), hint(m.num_tokens),
-                     m.intermediate, [m.output], m.ups + m.inner)
+                     m.intermediate, [m.output], m.ups + m.inner, uses_rng=m.uses_rng)
     return _cleanup(gm, len(matches))
 
 

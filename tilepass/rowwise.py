@@ -73,7 +73,7 @@ DROPOUT_FUNCTIONS = {F.dropout}
 class Verdict:
     """What an op is, for the region builder; ``reason`` is set when it is not row-wise."""
 
-    kind: str  # matmul | elementwise | lastdim | view | identity | getitem | rejected
+    kind: str  # matmul | elementwise | random | lastdim | view | identity | getitem | rejected
     reason: str | None = None
     token_arg: int | None = None  # for matmul: index of the token operand in args
     dim_arg: tuple[int, str] | None = None  # for lastdim: (position, kwarg name) of the dim
@@ -205,7 +205,7 @@ def classify(node: fx.Node, num_tokens: Any) -> Verdict:
         if node.kwargs.get("inplace", node.args[3] if len(node.args) > 3 else False):
             return Verdict("rejected", "in-place dropout")
         if training and p != 0:
-            return Verdict("rejected", f"dropout with p={p} in training: a recompute would draw a different mask")
+            return Verdict("random")  # kept; the tiled runtime replays its RNG in the recompute
         return Verdict("identity")
 
     if (node.op == "call_function" and target in VIEW_FUNCTIONS) or (node.op == "call_method" and name in VIEW_METHODS):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -48,6 +48,9 @@ class RegisteredRegion:
     autocast: tuple[str, torch.dtype] | None = None
     # Sum weight gradients over tiles in float32 (then cast once to the param dtype).
     accumulate_fp32: bool = False
+    # The region draws random numbers (dropout): the forward returns the generator state
+    # it started from as an extra output, and the backward replays the tiles from it.
+    uses_rng: bool = False
 
 
 _REGIONS: dict[str, RegisteredRegion] = {}
@@ -98,10 +101,26 @@ def _autocast(region: RegisteredRegion):
     return torch.autocast(device_type, dtype=dtype)
 
 
+def rng_state(device: torch.device) -> Tensor:
+    """The state of the generator that ops on ``device`` draw from (a CPU byte tensor)."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return getattr(torch, device.type).get_rng_state(device)
+
+
+def set_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        getattr(torch, device.type).set_rng_state(state, device)
+
+
 def run_tiled_forward(key: str, x: Tensor, params: Sequence[Tensor], num_tiles: int, tile_tokens: int) -> list[Tensor]:
     region = registered_region(key)
     n = x.shape[0]
     outs = [x.new_empty((n, *spec.feature_shape), dtype=spec.dtype) for spec in region.outputs]
+    if region.uses_rng:
+        outs.append(rng_state(x.device).clone())  # where this forward's random draws start
     start = 0
     with torch.no_grad(), _autocast(region):
         for size in tile_sizes(n, num_tiles, tile_tokens):
@@ -120,9 +139,22 @@ def run_tiled_backward(
     num_tiles: int,
     tile_tokens: int,
     needs_grad: Sequence[bool],
+    rng: Tensor | None = None,
 ) -> list[Tensor]:
-    """Gradients ``[dx, *dparams]``; an entry whose ``needs_grad`` is False is an empty tensor."""
+    """Gradients ``[dx, *dparams]``; an entry whose ``needs_grad`` is False is an empty tensor.
+
+    With ``rng`` (the state the forward started from) the tiles are recomputed from that
+    state, in the forward's order, so every dropout mask is the one the forward used; the
+    caller's generator state is restored afterwards.
+    """
     region = registered_region(key)
+    if rng is not None:
+        saved = rng_state(x.device)
+        set_rng_state(x.device, rng)
+        try:
+            return run_tiled_backward(key, x, params, grads, num_tiles, tile_tokens, needs_grad)
+        finally:
+            set_rng_state(x.device, saved)
     n = x.shape[0]
     need_x, need_p = bool(needs_grad[0]), [bool(b) for b in needs_grad[1:]]
     dx = torch.empty_like(x) if need_x else None
@@ -193,7 +225,16 @@ def tiled_forward(key: str, x: Tensor, params: list[Tensor], num_tiles: int, til
 def _tiled_forward_fake(key, x, params, num_tiles, tile_tokens):
     region = registered_region(key)
     n = x.shape[0]
-    return [x.new_empty((n, *spec.feature_shape), dtype=spec.dtype) for spec in region.outputs]
+    outs = [x.new_empty((n, *spec.feature_shape), dtype=spec.dtype) for spec in region.outputs]
+    if region.uses_rng:
+        outs.append(torch.empty(_rng_state_size(x.device), dtype=torch.uint8, device="cpu"))
+    return outs
+
+
+def _rng_state_size(device: torch.device) -> int:
+    if device.type == "cpu":
+        return torch.get_rng_state().numel()
+    return getattr(torch, device.type).get_rng_state(device).numel()
 
 
 @torch.library.custom_op("tilepass::tiled_backward", mutates_args=())
@@ -205,12 +246,13 @@ def tiled_backward(
     num_tiles: int,
     tile_tokens: int,
     needs_grad: list[bool],
+    rng: Optional[Tensor] = None,
 ) -> list[Tensor]:
-    return run_tiled_backward(key, x, params, grads, num_tiles, tile_tokens, needs_grad)
+    return run_tiled_backward(key, x, params, grads, num_tiles, tile_tokens, needs_grad, rng)
 
 
 @tiled_backward.register_fake
-def _tiled_backward_fake(key, x, params, grads, num_tiles, tile_tokens, needs_grad):
+def _tiled_backward_fake(key, x, params, grads, num_tiles, tile_tokens, needs_grad, rng=None):
     result = [torch.empty_like(x) if needs_grad[0] else x.new_empty(0)]
     result += [torch.empty_like(p) if need else x.new_empty(0) for p, need in zip(params, needs_grad[1:])]
     return result
@@ -220,18 +262,22 @@ def _setup_context(ctx, inputs, output):
     key, x, params, num_tiles, tile_tokens = inputs
     ctx.key, ctx.num_tiles, ctx.tile_tokens = key, num_tiles, tile_tokens
     ctx.needs_grad = [bool(x.requires_grad)] + [bool(p.requires_grad) for p in params]
-    ctx.out_meta = [(o.shape, o.dtype) for o in output]
-    ctx.save_for_backward(x, *params)
+    ctx.uses_rng = registered_region(key).uses_rng
+    data = output[:-1] if ctx.uses_rng else output
+    ctx.out_meta = [(o.shape, o.dtype) for o in data]
+    ctx.save_for_backward(x, *params, *(output[-1:] if ctx.uses_rng else ()))
 
 
 def _backward(ctx, grads):
-    x, *params = ctx.saved_tensors
+    saved = list(ctx.saved_tensors)
+    rng = saved.pop() if ctx.uses_rng else None
+    x, *params = saved
     grads = [
         torch.zeros(shape, dtype=dtype, device=x.device) if g is None else g
         for g, (shape, dtype) in zip(grads, ctx.out_meta)
     ]
     result = torch.ops.tilepass.tiled_backward(
-        ctx.key, x, params, grads, ctx.num_tiles, ctx.tile_tokens, ctx.needs_grad
+        ctx.key, x, params, grads, ctx.num_tiles, ctx.tile_tokens, ctx.needs_grad, rng
     )
     dx = result[0] if ctx.needs_grad[0] else None
     dparams = [g if need else None for g, need in zip(result[1:], ctx.needs_grad[1:])]
