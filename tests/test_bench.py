@@ -28,3 +28,18 @@ def test_moe_smoke(tmp_path):
     data = _bench(tmp_path, "--model", "moe", "--seqs", "32", "--variants", "tilepass")
     [row] = data["rows"]
     assert row["tiled_regions"] == 2 and row["rejected"] == []
+
+
+def test_max_seq_fit_and_prediction():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import max_seq
+
+    seqs = [16384, 32768, 65536]
+    quad = [2.0 + 1e-4 * s + 1e-9 * s * s for s in seqs]  # a peak growing quadratically
+    coeffs = max_seq.fit_peak(seqs, quad)
+    assert all(abs(a - b) < 1e-6 for a, b in zip(coeffs, [1e-9, 1e-4, 2.0]))
+    s = max_seq.predict_max(coeffs, budget=130.0, multiple=1024)
+    peak = lambda n: 2.0 + 1e-4 * n + 1e-9 * n * n  # noqa: E731
+    assert peak(s) <= 130.0 < peak(s + 1024)
+    lin = max_seq.fit_peak(seqs[:2], [1.0 + 2e-4 * n for n in seqs[:2]])
+    assert max_seq.predict_max(lin, budget=101.0, multiple=4096) == 499712  # 500000 rounded down
