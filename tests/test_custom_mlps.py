@@ -284,3 +284,38 @@ def test_dynamic_token_count(downstream):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert len(rewritten()) == 2  # one graph for both lengths
+
+
+class NormTwice(nn.Module):
+    """``down(act(gate(norm(x))) * up(norm(x)))``: Dynamo keeps both norm calls."""
+
+    def __init__(self, h=24, i=40):
+        super().__init__()
+        self.norm, self.mlp = nn.LayerNorm(h), GatedMLP(h, i)
+
+    def forward(self, x):
+        m = self.mlp
+        return m.down(F.silu(m.gate(self.norm(x))) * m.up(self.norm(x)))
+
+
+class DifferentNorms(NormTwice):
+    def __init__(self, h=24, i=40):
+        super().__init__(h, i)
+        self.norm2 = nn.LayerNorm(h)
+
+    def forward(self, x):
+        m = self.mlp
+        return m.down(F.silu(m.gate(self.norm(x))) * m.up(self.norm2(x)))
+
+
+def test_same_input_computed_twice_is_one_input():
+    torch.manual_seed(0)
+    _check(NormTwice().double(), torch.randn(2, 23, 24, dtype=torch.float64), dict(downstream="aot_eager", num_tiles=3))
+    assert [r.pattern for r in rewritten()] == ["swiglu"]
+
+
+def test_different_inputs_are_rejected():
+    torch.manual_seed(0)
+    _check(DifferentNorms().double(), torch.randn(2, 23, 24, dtype=torch.float64), dict(downstream="aot_eager", num_tiles=3))
+    [r] = rejected()
+    assert r.reason.startswith("the up projections read different inputs")

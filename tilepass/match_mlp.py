@@ -158,6 +158,8 @@ def _check(match: MlpMatch, num_tokens: Any) -> str | None:
         if outside:
             return f"`{n.name}` ({op_name(n)}) inside the MLP is also read outside it (by `{outside[0].name}`), so it would have to be kept whole"
     sources = {_strip_token_views(rowwise.projection_input(u, num_tokens), num_tokens) for u in match.ups}
+    if len(sources) > 1 and all(_same_value(s, match.source) for s in sources):
+        sources = {match.source}  # e.g. a norm computed twice: one value, read once
     if len(sources) != 1:
         names = ", ".join(sorted(f"`{s.name}`" for s in sources))
         return f"the up projections read different inputs ({names})"
@@ -165,6 +167,24 @@ def _check(match: MlpMatch, num_tokens: Any) -> str | None:
     if out is None or src is None or (out.dim() != 2 and tuple(out.shape[:-1]) != tuple(src.shape[:-1])):
         return "the output's token dims differ from the input's"
     return None
+
+
+_RANDOM = ("dropout", "rand", "randn", "randint", "bernoulli", "multinomial", "normal", "uniform")
+
+
+def _same_value(a: Any, b: Any, depth: int = 32) -> bool:
+    """Do two nodes provably compute the same tensor (same deterministic op on same inputs)?"""
+    if a is b:
+        return True
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or depth == 0:
+        return a == b if not isinstance(a, fx.Node) and not isinstance(b, fx.Node) else False
+    if a.op != b.op or a.target != b.target or a.op not in ("call_function", "call_method"):
+        return False
+    if any(r in op_name(a) for r in _RANDOM) or len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():
+        return False
+    pairs = list(zip(a.args, b.args)) + [(a.kwargs[k], b.kwargs[k]) for k in a.kwargs]
+    return all(_same_value(x, y, depth - 1) if isinstance(x, fx.Node) or isinstance(y, fx.Node)
+               else (type(x) is type(y) and x == y) for x, y in pairs)
 
 
 def find_mlps(graph: fx.Graph) -> tuple[list[MlpMatch], list[Rejection]]:
