@@ -172,6 +172,42 @@ def test_eval_routing_matches_sdpa(arch, pad, pattern):
             assert n.target is not F.scaled_dot_product_attention
 
 
+@pytest.mark.parametrize("arch,pad,pattern", [
+    ("gemma2", True, "eager+softcap(50)+mask(b,kv_idx,q_idx)"),
+    ("gemma2", False, "eager+softcap(50)+mask(kv_idx,q_idx)"),
+    ("llama", True, "eager+mask(b,kv_idx,q_idx)"),
+])
+def test_eager_attention_form_is_routed(arch, pad, pattern):
+    """softmax(q @ repeat_kv(k)^T * scale [, tanh softcap] + where(mask, 0, min)) @ v: the
+    softcap becomes a score_mod, the additive mask a mask_mod, repeat_kv becomes GQA."""
+    model = tiny_model(arch, attn_implementation="eager").eval()
+    ids = torch.randint(3, 128, (2, 150))
+    am = torch.ones(2, 150, dtype=torch.long)
+    am[1, :37] = 0
+    inputs = dict(input_ids=ids, attention_mask=am if pad else None)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    out, graphs = _routed_graphs(model, inputs, mlp=False)
+    valid = am.bool() if pad else torch.ones_like(am, dtype=torch.bool)
+    torch.testing.assert_close(out.logits[valid], want[valid], rtol=1e-5, atol=1e-5)
+    assert [r.pattern for r in rewritten("attention")] == [pattern, pattern]
+    for gm in graphs:  # neither the dense mask nor the [Q, KV] scores are left
+        for n in gm.graph.nodes:
+            v = n.meta.get("example_value")
+            assert not (isinstance(v, torch.Tensor) and v.dim() == 4 and tuple(v.shape[-2:]) == (150, 150)), n.name
+
+
+def test_attention_sinks_are_left_alone_with_a_reason():
+    model = tiny_model("gpt_oss", attn_implementation="eager").eval()
+    ids = torch.randint(3, 128, (1, 16))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = torch.compile(model, backend="tilepass", options=dict(attention=True, mlp=False, moe=False))(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    reasons = {r.reason for r in rejected("attention")}
+    assert reasons == {"attention sinks (a softmax column dropped after normalising): not routed yet"}
+
+
 def test_training_on_cpu_is_not_routed_and_stays_exact():
     model = tiny_model("llama", attn_implementation="sdpa")
     ids = torch.randint(3, 128, (2, 24))

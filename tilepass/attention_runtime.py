@@ -54,6 +54,7 @@ def flex_sdpa(
     enable_gqa: bool,
     per_batch: bool,
     per_head: bool,
+    softcap: float | None = None,
 ) -> Tensor:
     """``scaled_dot_product_attention(q, k, v, mask, is_causal, scale, enable_gqa)`` as
     flex attention, the mask given by a registered mask program over ``data``."""
@@ -76,6 +77,11 @@ def flex_sdpa(
             mask_mod, q.shape[0] if per_batch else None, q.shape[1] if per_head else None,
             q.shape[2], k.shape[2], device=q.device,
         )
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / softcap) * softcap
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # traced here, compiled by inductor: not the eager path it warns about
-        return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=score_mod,
+                              block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)

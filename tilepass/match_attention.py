@@ -45,7 +45,7 @@ class MaskProgram:
 
 @dataclasses.dataclass
 class AttentionSite:
-    node: fx.Node  # the scaled_dot_product_attention call
+    node: fx.Node  # the scaled_dot_product_attention call (or the eager form's last matmul)
     q: fx.Node
     k: fx.Node
     v: fx.Node
@@ -55,6 +55,8 @@ class AttentionSite:
     mask: MaskProgram | None
     module: str
     pattern: str
+    softcap: float | None = None  # tanh(score / c) * c before the mask (Gemma 2)
+    replaced: tuple = ()  # eager form: the nodes between q/k/v and the output
 
 
 @dataclasses.dataclass
@@ -62,6 +64,7 @@ class AttentionRejection:
     node: fx.Node
     reason: str
     module: str
+    pattern: str = "sdpa"
 
 
 class NotPointwise(Exception):
@@ -159,6 +162,13 @@ def lift_mask(mask: fx.Node) -> MaskProgram:
 def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[AttentionRejection]]:
     sites, rejections = [], []
     for n in graph.nodes:
+        eager = _eager_attention(n)
+        if isinstance(eager, AttentionSite):
+            sites.append(eager)
+            continue
+        if isinstance(eager, AttentionRejection):
+            rejections.append(eager)
+            continue
         if not (n.op == "call_function" and n.target is F.scaled_dot_product_attention):
             continue
         module = common_module([n])
@@ -186,3 +196,107 @@ def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[Attention
         pattern = "causal" if causal else ("full" if mask is None else "mask(" + ",".join(sorted(mask.uses)) + ")")
         sites.append(AttentionSite(n, q, k, v, kw.get("scale"), bool(kw.get("enable_gqa", False)), causal, mask, module, pattern))
     return sites, rejections
+
+
+# --- the eager form: softmax(q @ k^T * scale [softcap] + mask) @ v ------------------------
+
+_MIN_MASK_VALUE = -1e30  # "masked" in an additive mask: exp(score + this) is 0 in fp32/bf16
+
+
+def _is_call(n: Any, *names: str) -> bool:
+    return isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and op_name(n) in names
+
+
+def _unrepeat_kv(n: fx.Node) -> tuple[fx.Node, bool]:
+    """k from transformers' ``repeat_kv(k)`` (getitem None -> expand -> reshape): (k, repeated)."""
+    if _is_call(n, "reshape") and _is_call(n.args[0], "expand") and n.args[0].args[0].target is operator.getitem:
+        g = n.args[0].args[0]
+        idx = g.args[1]
+        if isinstance(idx, tuple) and len(idx) == 5 and idx[2] is None and all(i == slice(None) for i in idx[:2] + idx[3:]):
+            return g.args[0], True
+    return n, False
+
+
+def _const(n: Any) -> float | None:
+    return float(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else None
+
+
+def _eager_attention(out: fx.Node):
+    """Match ``matmul(dropout(softmax(scores).to(dtype)), v)`` back to ``q @ k^T``."""
+    if not _is_call(out, "matmul") or len(out.args) != 2:
+        return None
+    p, vr = out.args
+    chain = [out]
+    while _is_call(p, "dropout", "to", "float", "type"):
+        if op_name(p) == "dropout":
+            prob = p.kwargs.get("p", p.args[1] if len(p.args) > 1 else 0.5)
+            training = p.kwargs.get("training", p.args[2] if len(p.args) > 2 else True)
+            if training and prob:
+                return AttentionRejection(out, f"attention dropout p={prob}: flex attention has no dropout",
+                                          common_module([out]), "eager")
+        chain.append(p)
+        p = p.args[0]
+    if p.target is operator.getitem and _is_call(p.args[0], "softmax") and isinstance(p.args[1], tuple) \
+            and p.args[1][-1] == slice(None, -1):
+        return AttentionRejection(out, "attention sinks (a softmax column dropped after normalising): "
+                                       "not routed yet", common_module([out]), "eager")
+    if not _is_call(p, "softmax") or p.kwargs.get("dim", p.args[1] if len(p.args) > 1 else None) not in (-1, 3):
+        return None
+    chain.append(p)
+    s = p.args[0]
+    module = common_module([out])
+    mask = None
+    if _is_call(s, "add") and len(s.args) == 2 and isinstance(s.args[1], fx.Node):
+        chain.append(s)
+        s, additive = s.args
+        try:
+            mask = _lift_additive(additive)
+        except NotPointwise as e:
+            return AttentionRejection(out, str(e), module, "eager")
+    softcap = None
+    if _is_call(s, "mul") and _is_call(s.args[0], "tanh") and _is_call(s.args[0].args[0], "truediv"):
+        c1, c2 = _const(s.args[1]), _const(s.args[0].args[0].args[1])
+        if c1 is not None and c1 == c2:
+            chain += [s, s.args[0], s.args[0].args[0]]
+            softcap, s = c1, s.args[0].args[0].args[0]
+    scale = 1.0
+    if _is_call(s, "mul") and _const(s.args[1]) is not None:
+        chain.append(s)
+        scale, s = _const(s.args[1]), s.args[0]
+    if not (_is_call(s, "matmul") and len(s.args) == 2 and _is_call(s.args[1], "transpose")):
+        return None
+    t = s.args[1]
+    if sorted(d % 4 for d in t.args[1:3]) != [2, 3]:
+        return None
+    chain += [s, t]
+    q = s.args[0]
+    k, k_rep = _unrepeat_kv(t.args[0])
+    v, v_rep = _unrepeat_kv(vr)
+    values = [example_value(x) for x in (q, k, v)]
+    if any(not isinstance(x, torch.Tensor) or x.dim() != 4 for x in values):
+        return None
+    inner = set(chain[1:])
+    if any(u not in inner and u is not out for n in chain[1:] for u in n.users):
+        return AttentionRejection(out, "the attention weights are also read elsewhere (output_attentions)", module, "eager")
+    pattern = "eager" + (f"+softcap({softcap:g})" if softcap else "") + (
+        "+mask(" + ",".join(sorted(mask.uses)) + ")" if mask else "")
+    return AttentionSite(out, q, k, v, scale, k_rep or v_rep or values[0].shape[1] != values[1].shape[1],
+                         False, mask, module, pattern, softcap, tuple(chain))
+
+
+def _lift_additive(mask: fx.Node) -> MaskProgram:
+    """An additive mask ``where(allowed, 0, min)`` (maybe sliced to the key length) as a
+    boolean mask program."""
+    m = mask
+    while m.target is operator.getitem and isinstance(m.args[1], tuple) and all(isinstance(i, slice) for i in m.args[1]):
+        m = m.args[0]  # mask[:, :, :, :kv_len]: the same values where they are read
+    if not (_is_call(m, "where") and len(m.args) == 3):
+        raise NotPointwise("the additive mask is not built as where(allowed, 0, min)")
+    cond, zero, low = m.args
+    zero_ok = (isinstance(zero, (int, float)) and zero == 0) or (
+        isinstance(zero, fx.Node) and _is_call(zero, "zeros") and zero.args in (((),), ()))
+    if not zero_ok or _const(low) is None or _const(low) > _MIN_MASK_VALUE:
+        raise NotPointwise("the additive mask is an arbitrary float tensor")
+    if example_value(m) is not None and tuple(example_value(m).shape[-1:]) != tuple(example_value(mask).shape[-1:]):
+        raise NotPointwise("the additive mask is sliced to fewer keys than it was built for")
+    return lift_mask(cond)

@@ -125,7 +125,7 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     """Replace provably equivalent SDPA calls with flex attention over a BlockMask."""
     sites, rejections = find_attention(gm.graph)
     for r in rejections:
-        ctx.records.append(Record("rejected", "attention", r.module, "sdpa", ctx.graph_index,
+        ctx.records.append(Record("rejected", "attention", r.module, r.pattern, ctx.graph_index,
                                   reason=r.reason, nodes=[r.node.name]))  # one node: no region
     routed = 0
     for s in sites:
@@ -145,10 +145,11 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
         with gm.graph.inserting_before(s.node):
             new = gm.graph.call_function(attention_runtime.flex_sdpa, (s.q, s.k, s.v, list(s.mask.data) if s.mask else []), dict(
                 mask_key=key, causal=s.causal, scale=s.scale, enable_gqa=s.enable_gqa,
-                per_batch=bool(s.mask and "b" in s.mask.uses), per_head=bool(s.mask and "h" in s.mask.uses)))
+                per_batch=bool(s.mask and "b" in s.mask.uses), per_head=bool(s.mask and "h" in s.mask.uses),
+                softcap=s.softcap))
         new.meta.update({k: v for k, v in s.node.meta.items() if k in ("example_value", "nn_module_stack", "stack_trace")})
         s.node.replace_all_uses_with(new)
-        gm.graph.erase_node(s.node)
+        gm.graph.erase_node(s.node)  # an eager form's scores and weights go with the dead-code pass
         ctx.inductor_patches.update(flex_versions.inductor_patches(training, qv.device.type))
         ctx.records.append(Record("rewritten", "attention", s.module, s.pattern, ctx.graph_index,
                                   nodes=[s.node.name], region_key=key, tokens=int(qv.shape[2])))
