@@ -27,10 +27,6 @@ def parse_version(text: str) -> tuple[int, int, int]:
 TORCH_VERSION: tuple[int, int, int] = parse_version(torch.__version__)
 
 
-def torch_at_least(major: int, minor: int, patch: int = 0) -> bool:
-    return TORCH_VERSION >= (major, minor, patch)
-
-
 def check_supported_torch() -> None:
     """Raise a clear error on a torch older than tilepass supports."""
     if TORCH_VERSION[:2] < MIN_TORCH:
