@@ -147,40 +147,10 @@ def _routed_graphs(model, inputs, **options):
     return out, graphs
 
 
-@pytest.mark.parametrize("arch,pad,pattern", [
-    ("llama", False, "causal"), ("llama", True, "mask(b,kv_idx,q_idx)"),
-    ("mistral", False, "mask(kv_idx,q_idx)"), ("mistral", True, "mask(b,kv_idx,q_idx)"),
-])
-def test_eval_routing_matches_sdpa(arch, pad, pattern):
-    model = tiny_model(arch, attn_implementation="sdpa").eval()
-    ids = torch.randint(3, 128, (2, 150))
-    am = torch.ones(2, 150, dtype=torch.long)
-    am[1, :37] = 0
-    inputs = dict(input_ids=ids, attention_mask=am if pad else None)
-    with torch.no_grad():
-        want = model(**inputs).logits
-    out, graphs = _routed_graphs(model, inputs, mlp=False)
-    valid = am.bool() if pad else torch.ones_like(am, dtype=torch.bool)
-    torch.testing.assert_close(out.logits[valid], want[valid], rtol=1e-5, atol=1e-5)  # float32
-    routed = rewritten("attention")
-    assert [r.pattern for r in routed] == [pattern, pattern]
-    # the dense mask construction left the graph: no [.., Q, KV] tensor, no SDPA
-    for gm in graphs:
-        for n in gm.graph.nodes:
-            v = n.meta.get("example_value")
-            assert not (isinstance(v, torch.Tensor) and v.dim() == 4 and tuple(v.shape[-2:]) == (150, 150)), n.name
-            assert n.target is not F.scaled_dot_product_attention
-
-
-@pytest.mark.parametrize("arch,pad,pattern", [
-    ("gemma2", True, "eager+softcap(50)+mask(b,kv_idx,q_idx)"),
-    ("gemma2", False, "eager+softcap(50)+mask(kv_idx,q_idx)"),
-    ("llama", True, "eager+mask(b,kv_idx,q_idx)"),
-])
-def test_eager_attention_form_is_routed(arch, pad, pattern):
-    """softmax(q @ repeat_kv(k)^T * scale [, tanh softcap] + where(mask, 0, min)) @ v: the
-    softcap becomes a score_mod, the additive mask a mask_mod, repeat_kv becomes GQA."""
-    model = tiny_model(arch, attn_implementation="eager").eval()
+def _route_and_compare(arch, impl, pad, pattern):
+    """Route a tiny model's attention in eval; its logits equal the unrouted model's
+    (float32, on positions with a key to attend to); no [Q, KV] tensor and no SDPA are left."""
+    model = tiny_model(arch, attn_implementation=impl).eval()
     ids = torch.randint(3, 128, (2, 150))
     am = torch.ones(2, 150, dtype=torch.long)
     am[1, :37] = 0
@@ -191,10 +161,30 @@ def test_eager_attention_form_is_routed(arch, pad, pattern):
     valid = am.bool() if pad else torch.ones_like(am, dtype=torch.bool)
     torch.testing.assert_close(out.logits[valid], want[valid], rtol=1e-5, atol=1e-5)
     assert [r.pattern for r in rewritten("attention")] == [pattern, pattern]
-    for gm in graphs:  # neither the dense mask nor the [Q, KV] scores are left
+    for gm in graphs:
         for n in gm.graph.nodes:
             v = n.meta.get("example_value")
             assert not (isinstance(v, torch.Tensor) and v.dim() == 4 and tuple(v.shape[-2:]) == (150, 150)), n.name
+            assert n.target is not F.scaled_dot_product_attention
+
+
+@pytest.mark.parametrize("arch,pad,pattern", [
+    ("llama", False, "causal"), ("llama", True, "mask(b,kv_idx,q_idx)"),
+    ("mistral", False, "mask(kv_idx,q_idx)"), ("mistral", True, "mask(b,kv_idx,q_idx)"),
+])
+def test_eval_routing_matches_sdpa(arch, pad, pattern):
+    _route_and_compare(arch, "sdpa", pad, pattern)
+
+
+@pytest.mark.parametrize("arch,pad,pattern", [
+    ("gemma2", True, "eager+softcap(50)+mask(b,kv_idx,q_idx)"),
+    ("gemma2", False, "eager+softcap(50)+mask(kv_idx,q_idx)"),
+    ("llama", True, "eager+mask(b,kv_idx,q_idx)"),
+])
+def test_eager_attention_form_is_routed(arch, pad, pattern):
+    """softmax(q @ repeat_kv(k)^T * scale [, tanh softcap] + where(mask, 0, min)) @ v: the
+    softcap becomes a score_mod, the additive mask a mask_mod, repeat_kv becomes GQA."""
+    _route_and_compare(arch, "eager", pad, pattern)
 
 
 def test_attention_sinks_are_left_alone_with_a_reason():
