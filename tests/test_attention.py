@@ -4,6 +4,8 @@ Flex attention has no backward on CPU, so training through routed attention is t
 CUDA only (skipped here); on CPU tilepass must decline to route where gradients flow.
 """
 
+import operator
+
 import pytest
 import torch
 import torch.fx as fx
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 
 import tilepass
 from tilepass import compat, flex_versions
+from tilepass.fx_utils import op_name
 from tilepass.match_attention import find_attention
 from tilepass.options import OptionsError
 from tilepass.tiny_models import tiny_model
@@ -187,15 +190,66 @@ def test_eager_attention_form_is_routed(arch, pad, pattern):
     _route_and_compare(arch, "eager", pad, pattern)
 
 
-def test_attention_sinks_are_left_alone_with_a_reason():
+def test_attention_sinks_on_cpu_are_left_alone_with_a_reason():
     model = tiny_model("gpt_oss", attn_implementation="eager").eval()
     ids = torch.randint(3, 128, (1, 16))
     with torch.no_grad():
-        want = model(input_ids=ids).logits
-        got = torch.compile(model, backend="tilepass", options=dict(attention=True, mlp=False, moe=False))(input_ids=ids).logits
+        want = model(input_ids=ids, use_cache=False).logits
+        got = torch.compile(model, backend="tilepass", options=dict(attention=True, mlp=False, moe=False))(
+            input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    reasons = {r.reason for r in rejected("attention")}
-    assert reasons == {"attention sinks (a softmax column dropped after normalising): not routed yet"}
+    assert {r.reason for r in rejected("attention")} == {
+        "attention sinks need flex attention's log-sum-exp, which compiled flex attention does not return on cpu"}
+
+
+def _rewrite_captured_graph(monkeypatch, model, inputs, **options):
+    """Capture ``model``'s Dynamo graph, run it, rewrite it with tilepass's passes, run it
+    again (eagerly: CPU flex attention runs uncompiled here), return both outputs and the
+    pass records. Lets CPU check rewrites whose compiled form needs a GPU."""
+    from tilepass import passes
+    from tilepass.options import Options
+
+    captured = []
+    torch.compile(model, backend=lambda gm, ex: captured.append((gm, ex)) or gm.forward)(**inputs)
+    gm, example_inputs = captured[0]
+    with torch.no_grad():
+        want = gm(*example_inputs)[0]
+    ctx = passes.PassContext(Options.parse(dict(options)), 0)
+    passes.run_passes(gm, ctx)
+    with torch.no_grad():
+        got = gm(*example_inputs)[0]
+    return gm, want, got, ctx.records
+
+
+def test_attention_sinks_rewrite_matches_the_eager_math(monkeypatch):
+    """GPT-OSS (sinks, alternating sliding/full windows, GQA): the rewritten graph, run
+    with flex attention's log-sum-exp, equals the eager softmax-with-sinks."""
+    monkeypatch.setattr(flex_versions, "lse_in_compiled_graph", lambda device_type: True)
+    model = tiny_model("gpt_oss", attn_implementation="eager", sliding_window=16).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2.0)  # sinks that matter
+    ids = torch.randint(3, 128, (2, 40))
+    with torch.no_grad():
+        gm, want, got, records = _rewrite_captured_graph(
+            monkeypatch, model, dict(input_ids=ids, use_cache=False), attention=True, mlp=False, moe=False)
+    assert [(r.status, r.pattern) for r in records] == [("rewritten", "eager+sinks+mask(kv_idx,q_idx)")] * 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not any(op_name(n) in ("softmax", "cat") and tuple(getattr(n.meta.get("example_value"), "shape", ()))[-2:] == (40, 41)
+                   for n in gm.graph.nodes)
+
+
+def test_sinks_renormalisation_equals_a_softmax_with_an_extra_column():
+    from tilepass.attention_runtime import flex_sdpa
+
+    q, k, v = torch.randn(2, 4, 24, 8), torch.randn(2, 2, 24, 8), torch.randn(2, 2, 24, 8)
+    sinks = torch.randn(4) * 3
+    got = flex_sdpa(q, k, v, [], mask_key=None, causal=True, scale=0.3, enable_gqa=True, per_batch=False,
+                    per_head=False, sinks=sinks)
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ kr.transpose(-1, -2) * 0.3).masked_fill(torch.ones(24, 24, dtype=torch.bool).triu(1), float("-inf"))
+    probs = torch.cat([scores, sinks.view(1, 4, 1, 1).expand(2, 4, 24, 1)], -1).softmax(-1)[..., :-1]
+    torch.testing.assert_close(got, probs @ vr, rtol=1e-5, atol=1e-5)
 
 
 def test_training_on_cpu_is_not_routed_and_stays_exact():
@@ -223,9 +277,21 @@ def test_attention_is_off_by_default():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention training needs a GPU (no CPU backward)")
-@pytest.mark.parametrize("arch,pad", [("llama", False), ("llama", True), ("mistral", True)])
-def test_training_on_cuda_matches_sdpa(arch, pad):
-    model = tiny_model(arch, attn_implementation="sdpa").cuda()
+@pytest.mark.parametrize("arch,impl,pad,ckpt", [
+    ("llama", "sdpa", False, False), ("llama", "sdpa", True, True), ("mistral", "sdpa", True, False),
+    ("gemma2", "eager", True, True), ("gpt_oss", "eager", False, False), ("gpt_oss", "eager", True, True),
+])
+def test_training_on_cuda_matches_sdpa(arch, impl, pad, ckpt):
+    """Loss and every parameter gradient (GPT-OSS: the sinks' too) of a routed training
+    step equal the unrouted model's (float32 on CUDA; flex and SDPA accumulate in
+    different orders)."""
+    model = tiny_model(arch, attn_implementation=impl, **({"sliding_window": 64} if arch == "gpt_oss" else {})).cuda()
+    if arch == "gpt_oss":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0, 2.0)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(3, 128, (2, 256), device="cuda")
     am = torch.ones(2, 256, dtype=torch.long, device="cuda")
     am[1, :37] = 0
@@ -236,8 +302,53 @@ def test_training_on_cuda_matches_sdpa(arch, pad):
     model.zero_grad(set_to_none=True)
     got_loss = torch.compile(model, backend="tilepass", options=dict(attention=True))(**inputs).loss
     got_loss.backward()
-    assert len(rewritten("attention")) == 2
+    assert len(rewritten("attention")) == 2, tilepass.report()
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-4)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, want[n], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-3, atol=1e-4, msg=lambda m, n=n: f"grad of {n}: {m}")
 
+
+
+@pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("mistral", "sdpa"), ("gemma2", "eager")])
+def test_checkpointed_layers_are_routed_with_the_mask_built_outside(monkeypatch, arch, impl):
+    """Layer checkpointing puts each layer in a tag_activation_checkpoint body that receives
+    the dense mask as an input. The mask is followed out of the body, its data (the 2-D
+    attention_mask) passed in, and the dense [B, 1, Q, KV] construction leaves the outer
+    graph. The training graph is rewritten and run without gradients (CPU flex attention
+    has no backward), against the same graph unrewritten."""
+    monkeypatch.setattr(flex_versions, "flex_backward_supported", lambda device_type: True)
+    model = tiny_model(arch, attn_implementation=impl)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 128, (2, 150))
+    am = torch.ones(2, 150, dtype=torch.long)
+    am[1, :37] = 0
+    gm, want, got, records = _rewrite_captured_graph(monkeypatch, model, dict(input_ids=ids, attention_mask=am),
+                                                     attention=True, mlp=False)
+    assert sum(op_name(n) == "tag_activation_checkpoint" for n in gm.graph.nodes) == 2
+    assert [r.status for r in records] == ["rewritten", "rewritten"]
+    torch.testing.assert_close(got[am.bool()], want[am.bool()], rtol=1e-5, atol=1e-5)
+    for sub in (m for m in gm.modules() if isinstance(m, fx.GraphModule)):
+        for n in sub.graph.nodes:
+            v = n.meta.get("example_value")
+            assert not (isinstance(v, torch.Tensor) and v.dim() == 4 and tuple(v.shape[-2:]) == (150, 150)), n.name
+
+
+def test_mask_ops_recorded_as_tensor_dunders_are_lifted():
+    """Dynamo may record ``a <= b`` as ``operator.le``, ``Tensor.__le__`` or a ``__le__`` method
+    call (torch 2.11 on CUDA records the packed-sequence ``==`` as ``__eq__``)."""
+    from tilepass.match_attention import lift_mask
+
+    g = fx.Graph()
+    ar = g.call_function(torch.arange, (8,))
+    qi = g.call_function(operator.getitem, (ar, (None, None, slice(None), None)))
+    ki = g.call_function(operator.getitem, (ar, (None, None, None, slice(None))))
+    causal = g.call_function(torch.Tensor.__le__, (ki, qi))
+    same = g.call_method("__eq__", (qi, qi))
+    mask = g.call_method("__and__", (causal, same))
+    mask.meta["example_value"] = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    g.output(mask)
+    lifted = lift_mask(mask)
+    i = torch.arange(8)
+    got = lifted.program(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 1, dtype=torch.long),
+                         i.view(1, 1, 8, 1), i.view(1, 1, 1, 8))
+    assert torch.equal(got.expand(1, 1, 8, 8)[0, 0], torch.ones(8, 8, dtype=torch.bool).tril())

@@ -55,9 +55,15 @@ def flex_sdpa(
     per_batch: bool,
     per_head: bool,
     softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """``scaled_dot_product_attention(q, k, v, mask, is_causal, scale, enable_gqa)`` as
-    flex attention, the mask given by a registered mask program over ``data``."""
+    flex attention, the mask given by a registered mask program over ``data``.
+
+    ``sinks`` ([H], GPT-OSS): one extra logit per head that takes part in the softmax and is
+    dropped after it. With ``lse`` the log-sum-exp of the real keys, the weights of the
+    keys shrink by ``exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink)``, so
+    ``out * sigmoid(lse - sink)`` is exact (and differentiable in q, k, v and the sinks)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if flex_versions.mask_buffers_must_be_realized(q.device.type):
@@ -83,5 +89,10 @@ def flex_sdpa(
             return torch.tanh(score / softcap) * softcap
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # traced here, compiled by inductor: not the eager path it warns about
-        return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=score_mod,
-                              block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        args = (q.contiguous(), k.contiguous(), v.contiguous())
+        kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        if sinks is None:
+            return flex_attention(*args, **kwargs)
+        out, lse = flex_versions.unpack_lse(flex_attention(*args, **kwargs, **flex_versions.lse_kwargs()))
+    keep = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))  # [B, H, Q]
+    return (out.float() * keep.unsqueeze(-1)).to(out.dtype)

@@ -70,6 +70,13 @@ def mask_buffers_must_be_realized(device_type: str) -> bool:
     return device_type == "cpu"
 
 
+def lse_in_compiled_graph(device_type: str) -> bool:
+    """Can flex attention return its log-sum-exp inside a compiled graph on this device?
+    Not on CPU: "torch.compile on CPU only supports inference and `return_lse` is not
+    supported yet" (torch 2.13). A device fact of the CPU template, not a version row."""
+    return device_type != "cpu"
+
+
 def lse_kwargs(version: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Keyword arguments that make ``flex_attention`` also return the log-sum-exp."""
     if flex_row(version).lse_api == "return_aux":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -31,7 +31,12 @@ _POINTWISE_FUNCTIONS = {
     torch.logical_not, torch.where, torch.abs, torch.remainder, torch.sub, torch.add,
 }
 _POINTWISE_METHODS = {"le", "lt", "ge", "gt", "eq", "ne", "logical_and", "logical_or", "logical_not", "__and__",
-                      "__or__", "__invert__", "sub", "add", "abs", "to", "bool", "int", "long"}
+                      "__or__", "__invert__", "sub", "add", "abs", "to", "bool", "int", "long",
+                      # operators some Dynamo versions record as methods (torch 2.11 on CUDA: ``__eq__``)
+                      "__eq__", "__ne__", "__le__", "__lt__", "__ge__", "__gt__", "__add__", "__sub__", "__mul__",
+                      "__floordiv__", "__mod__", "__neg__", "__xor__"}
+# ... or as calls of the Tensor dunder itself
+_POINTWISE_FUNCTIONS |= {getattr(torch.Tensor, m) for m in _POINTWISE_METHODS if m.startswith("__")}
 _IDENTITY_METHODS = {"expand", "expand_as", "contiguous"}
 _DIMS = ("b", "h", "q_idx", "kv_idx")
 
@@ -57,6 +62,7 @@ class AttentionSite:
     pattern: str
     softcap: float | None = None  # tanh(score / c) * c before the mask (Gemma 2)
     replaced: tuple = ()  # eager form: the nodes between q/k/v and the output
+    sinks: fx.Node | None = None  # [H] extra logit per head, normalised with the keys then dropped (GPT-OSS)
 
 
 @dataclasses.dataclass
@@ -69,6 +75,9 @@ class AttentionRejection:
 
 class NotPointwise(Exception):
     pass
+
+
+Resolve = Callable[[fx.Node], "fx.Node | None"]
 
 
 def _index_leaf(node: fx.Node) -> tuple[int, Any] | None:
@@ -89,8 +98,12 @@ def _index_leaf(node: fx.Node) -> tuple[int, Any] | None:
     return full[0], offset
 
 
-def lift_mask(mask: fx.Node) -> MaskProgram:
-    """Copy the construction of a boolean ``[B, H, Q, KV]`` mask into a pointwise mask program."""
+def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
+    """Copy the construction of a boolean ``[B, H, Q, KV]`` mask into a pointwise mask program.
+
+    ``resolve`` maps a placeholder of a nested body (a checkpointed layer) to the outer
+    value it is, so a mask built outside the layer is followed to where it is built; the
+    program's ``data`` may then live in an outer graph."""
     value = example_value(mask)
     if not isinstance(value, torch.Tensor) or value.dtype != torch.bool:
         raise NotPointwise(f"the mask is a {getattr(value, 'dtype', type(value).__name__)} tensor (an additive mask), not a boolean one")
@@ -101,10 +114,19 @@ def lift_mask(mask: fx.Node) -> MaskProgram:
     data: list[fx.Node] = []
     seen: set[fx.Node] = set()
 
+    alias: dict[fx.Node, fx.Node] = {}
+    rank: dict[fx.Graph, int] = {mask.graph: 0}  # outer graphs run first
+
     def visit(n: fx.Node) -> None:
         if n in seen:
             return
         seen.add(n)
+        outer = resolve(n) if resolve is not None and n.op == "placeholder" else None
+        if outer is not None:
+            alias[n] = outer
+            rank.setdefault(outer.graph, rank[n.graph] - 1)
+            visit(outer)
+            return
         leaf = _index_leaf(n)
         if leaf is not None:
             leaves[n] = leaf
@@ -147,22 +169,24 @@ def lift_mask(mask: fx.Node) -> MaskProgram:
         env[leaf] = idx[dim] if not offset else graph.call_function(operator.add, (idx[dim], offset))
     for i, d in enumerate(data):
         env[d] = graph.placeholder(f"data{i}")
-    graph_order = {n: i for i, n in enumerate(mask.graph.nodes)}
-    for n in sorted(order, key=graph_order.__getitem__):
+    position = {n: (rank[g], i) for g in rank for i, n in enumerate(g.nodes)}
+    for n in sorted(order, key=position.__getitem__):
         if n.op == "call_method" and n.target in _IDENTITY_METHODS:
             env[n] = env[n.args[0]]
             continue
-        env[n] = graph.create_node(n.op, n.target, fx.node.map_arg(n.args, lambda m: env[m]),
-                                   fx.node.map_arg(n.kwargs, lambda m: env[m]), name=n.name)
-    graph.output(env[mask])
+        env[n] = graph.create_node(n.op, n.target, fx.node.map_arg(n.args, lambda m: env[alias.get(m, m)]),
+                                   fx.node.map_arg(n.kwargs, lambda m: env[alias.get(m, m)]), name=n.name)
+    graph.output(env[alias.get(mask, mask)])
     uses = frozenset(_DIMS[dim] for dim, _ in leaves.values())
     return MaskProgram(fx.GraphModule(torch.nn.Module(), graph, class_name="MaskProgram"), data, uses)
 
 
-def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[AttentionRejection]]:
+def find_attention(graph: fx.Graph, resolve: Resolve | None = None) -> tuple[list[AttentionSite], list[AttentionRejection]]:
+    """Every attention site of ``graph`` that flex attention can express, and the rest
+    with reasons. ``resolve``: see :func:`lift_mask`."""
     sites, rejections = [], []
     for n in graph.nodes:
-        eager = _eager_attention(n)
+        eager = _eager_attention(n, resolve)
         if isinstance(eager, AttentionSite):
             sites.append(eager)
             continue
@@ -187,14 +211,18 @@ def find_attention(graph: fx.Graph) -> tuple[list[AttentionSite], list[Attention
                 reason = "both a mask and is_causal"
             else:
                 try:
-                    mask = lift_mask(kw["attn_mask"])
+                    mask = lift_mask(kw["attn_mask"], resolve)
                 except NotPointwise as e:
                     reason = str(e)
         if reason is not None:
             rejections.append(AttentionRejection(n, reason, module))
             continue
         pattern = "causal" if causal else ("full" if mask is None else "mask(" + ",".join(sorted(mask.uses)) + ")")
-        sites.append(AttentionSite(n, q, k, v, kw.get("scale"), bool(kw.get("enable_gqa", False)), causal, mask, module, pattern))
+        (k0, k_rep), (v0, v_rep) = _unrepeat_kv(k), _unrepeat_kv(v)
+        if k_rep and v_rep:  # repeat_kv'd: flex reads the shared kv heads itself (GQA)
+            k, v = k0, v0
+        sites.append(AttentionSite(n, q, k, v, kw.get("scale"), bool(kw.get("enable_gqa", False)) or (k_rep and v_rep),
+                                   causal, mask, module, pattern))
     return sites, rejections
 
 
@@ -221,7 +249,7 @@ def _const(n: Any) -> float | None:
     return float(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else None
 
 
-def _eager_attention(out: fx.Node):
+def _eager_attention(out: fx.Node, resolve: Resolve | None):
     """Match ``matmul(dropout(softmax(scores).to(dtype)), v)`` back to ``q @ k^T``."""
     if not _is_call(out, "matmul") or len(out.args) != 2:
         return None
@@ -236,21 +264,26 @@ def _eager_attention(out: fx.Node):
                                           common_module([out]), "eager")
         chain.append(p)
         p = p.args[0]
+    module = common_module([out])
+    sinks = None
     if p.target is operator.getitem and _is_call(p.args[0], "softmax") and isinstance(p.args[1], tuple) \
             and p.args[1][-1] == slice(None, -1):
-        return AttentionRejection(out, "attention sinks (a softmax column dropped after normalising): "
-                                       "not routed yet", common_module([out]), "eager")
-    if not _is_call(p, "softmax") or p.kwargs.get("dim", p.args[1] if len(p.args) > 1 else None) not in (-1, 3):
+        found = _sinks(p.args[0])
+        if isinstance(found, str):
+            return AttentionRejection(out, found, module, "eager")
+        sinks, s, sink_nodes = found
+        chain += [p, *sink_nodes]
+    elif not _is_call(p, "softmax") or _softmax_dim(p) not in (-1, 3):
         return None
-    chain.append(p)
-    s = p.args[0]
-    module = common_module([out])
+    else:
+        chain.append(p)
+        s = p.args[0]
     mask = None
     if _is_call(s, "add") and len(s.args) == 2 and isinstance(s.args[1], fx.Node):
         chain.append(s)
         s, additive = s.args
         try:
-            mask = _lift_additive(additive)
+            mask = _lift_additive(additive, resolve)
         except NotPointwise as e:
             return AttentionRejection(out, str(e), module, "eager")
     softcap = None
@@ -272,31 +305,69 @@ def _eager_attention(out: fx.Node):
     q = s.args[0]
     k, k_rep = _unrepeat_kv(t.args[0])
     v, v_rep = _unrepeat_kv(vr)
+    if k_rep != v_rep:  # only one side repeated: keep both as they are
+        k, v, k_rep, v_rep = t.args[0], vr, False, False
     values = [example_value(x) for x in (q, k, v)]
     if any(not isinstance(x, torch.Tensor) or x.dim() != 4 for x in values):
         return None
     inner = set(chain[1:])
     if any(u not in inner and u is not out for n in chain[1:] for u in n.users):
         return AttentionRejection(out, "the attention weights are also read elsewhere (output_attentions)", module, "eager")
-    pattern = "eager" + (f"+softcap({softcap:g})" if softcap else "") + (
+    pattern = "eager" + ("+sinks" if sinks is not None else "") + (f"+softcap({softcap:g})" if softcap else "") + (
         "+mask(" + ",".join(sorted(mask.uses)) + ")" if mask else "")
     return AttentionSite(out, q, k, v, scale, k_rep or v_rep or values[0].shape[1] != values[1].shape[1],
-                         False, mask, module, pattern, softcap, tuple(chain))
+                         False, mask, module, pattern, softcap, tuple(chain), sinks)
 
 
-def _lift_additive(mask: fx.Node) -> MaskProgram:
+def _softmax_dim(n: fx.Node) -> Any:
+    return n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+
+
+def _sinks(softmax: fx.Node):
+    """GPT-OSS sinks: ``softmax(cat([scores, sinks.reshape(1, H, 1, 1).expand(...)], -1)
+    [- max])[..., :-1]``: one extra logit per head joins the normalisation and is dropped.
+    Returns (the [H] sinks, the scores, the nodes that go) or a reason."""
+    if _softmax_dim(softmax) not in (-1, 3):
+        return "attention sinks: the softmax is not over the keys"
+    nodes = [softmax]
+    x = softmax.args[0]
+    if _is_call(x, "sub") and isinstance(x.args[1], fx.Node) and x.args[1].target is operator.getitem \
+            and _is_call(x.args[1].args[0], "max") and x.args[1].args[0].args[0] is x.args[0]:
+        nodes += [x, x.args[1], x.args[1].args[0]]  # minus the row max: softmax is shift-invariant
+        x = x.args[0]
+    cat_dim = x.kwargs.get("dim", x.args[1] if len(x.args) > 1 else 0) if _is_call(x, "cat") else None
+    if cat_dim not in (-1, 3) or len(x.args[0]) != 2:
+        return "attention sinks: the extra logit is not concatenated as one key column"
+    scores, column = x.args[0]
+    nodes.append(x)
+    if not (_is_call(column, "expand") and _is_call(column.args[0], "reshape", "view")):
+        return "attention sinks: the extra logit is not one value per head, broadcast"
+    sinks = column.args[0].args[0]
+    shape = tuple(column.args[0].args[1:]) if not isinstance(column.args[0].args[1], (tuple, list)) else tuple(column.args[0].args[1])
+    value, heads = example_value(sinks), example_value(scores)
+    if shape not in ((1, -1, 1, 1),) or not isinstance(value, torch.Tensor) or value.dim() != 1 \
+            or value.shape[0] != heads.shape[1]:
+        return "attention sinks: the extra logit is not one value per head, broadcast"
+    nodes += [column, column.args[0]]
+    return sinks, scores, nodes
+
+
+def _lift_additive(mask: fx.Node, resolve: Resolve | None) -> MaskProgram:
     """An additive mask ``where(allowed, 0, min)`` (maybe sliced to the key length) as a
     boolean mask program."""
     m = mask
+    while m.op == "placeholder" and resolve is not None and resolve(m) is not None:
+        m = resolve(m)  # built outside a checkpointed layer
     while m.target is operator.getitem and isinstance(m.args[1], tuple) and all(isinstance(i, slice) for i in m.args[1]):
         m = m.args[0]  # mask[:, :, :, :kv_len]: the same values where they are read
     if not (_is_call(m, "where") and len(m.args) == 3):
         raise NotPointwise("the additive mask is not built as where(allowed, 0, min)")
     cond, zero, low = m.args
     zero_ok = (isinstance(zero, (int, float)) and zero == 0) or (
-        isinstance(zero, fx.Node) and _is_call(zero, "zeros") and zero.args in (((),), ()))
+        isinstance(zero, fx.Node) and _is_call(zero, "zeros") and zero.args in (((),), ())) or (
+        isinstance(zero, fx.Node) and _is_call(zero, "tensor") and _const(zero.args[0] if zero.args else None) == 0)
     if not zero_ok or _const(low) is None or _const(low) > _MIN_MASK_VALUE:
         raise NotPointwise("the additive mask is an arbitrary float tensor")
     if example_value(m) is not None and tuple(example_value(m).shape[-1:]) != tuple(example_value(mask).shape[-1:]):
         raise NotPointwise("the additive mask is sliced to fewer keys than it was built for")
-    return lift_mask(cond)
+    return lift_mask(cond, resolve)

@@ -17,6 +17,7 @@ import torch.fx as fx
 from . import attention_runtime, flex_versions, runtime
 from .match_attention import find_attention
 from .fx_utils import autocast_state, hint, tensor_value
+from .hop_inputs import BodyInputs
 from .match_mlp import find_mlps
 from .match_moe import find_moes
 from .options import Options, default_num_tiles
@@ -35,6 +36,7 @@ class PassContext:
     programs: dict[str, str] = dataclasses.field(default_factory=dict)  # region key -> tile program code
     on_stage: Callable[[str, fx.GraphModule], None] | None = None  # called with the graph after each pass
     inductor_patches: dict = dataclasses.field(default_factory=dict)  # config the downstream compile needs
+    root: fx.GraphModule | None = None  # the graph Dynamo captured (passes also see its nested bodies)
 
 
 Pass = Callable[[fx.GraphModule, PassContext], int]
@@ -123,7 +125,9 @@ def tile_moes(gm: fx.GraphModule, ctx: PassContext) -> int:
 
 def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     """Replace provably equivalent SDPA calls with flex attention over a BlockMask."""
-    sites, rejections = find_attention(gm.graph)
+    inputs = BodyInputs(ctx.root) if ctx.root is not None and ctx.root is not gm else None
+    sites, rejections = find_attention(gm.graph, inputs.source if inputs else None)
+    inputs_before = [n for n in gm.graph.nodes if n.op == "placeholder" and n.users]
     for r in rejections:
         ctx.records.append(Record("rejected", "attention", r.module, r.pattern, ctx.graph_index,
                                   reason=r.reason, nodes=[r.node.name]))  # one node: no region
@@ -137,16 +141,24 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
                 reason=f"flex attention cannot run a backward on {qv.device.type} with this torch; "
                        "attention is routed there only where no gradient flows (eval, no_grad)"))
             continue
+        if s.sinks is not None and not flex_versions.lse_in_compiled_graph(qv.device.type):
+            ctx.records.append(Record(
+                "rejected", "attention", s.module, s.pattern, ctx.graph_index, nodes=[s.node.name],
+                reason=f"attention sinks need flex attention's log-sum-exp, which compiled flex attention "
+                       f"does not return on {qv.device.type}"))
+            continue
         key = None
         if s.mask is not None:
             key = program_key("mask", s.mask.program, None)
             attention_runtime.register_mask(key, s.mask.program)
             ctx.programs[key] = s.mask.program.code
+        # mask data built outside a checkpointed layer is passed into it
+        data = [d if d.graph is gm.graph else inputs.thread(gm.graph, d) for d in (s.mask.data if s.mask else [])]
         with gm.graph.inserting_before(s.node):
-            new = gm.graph.call_function(attention_runtime.flex_sdpa, (s.q, s.k, s.v, list(s.mask.data) if s.mask else []), dict(
+            new = gm.graph.call_function(attention_runtime.flex_sdpa, (s.q, s.k, s.v, data), dict(
                 mask_key=key, causal=s.causal, scale=s.scale, enable_gqa=s.enable_gqa,
                 per_batch=bool(s.mask and "b" in s.mask.uses), per_head=bool(s.mask and "h" in s.mask.uses),
-                softcap=s.softcap))
+                softcap=s.softcap, sinks=s.sinks))
         new.meta.update({k: v for k, v in s.node.meta.items() if k in ("example_value", "nn_module_stack", "stack_trace")})
         s.node.replace_all_uses_with(new)
         gm.graph.erase_node(s.node)  # an eager form's scores and weights go with the dead-code pass
@@ -154,7 +166,10 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
         ctx.records.append(Record("rewritten", "attention", s.module, s.pattern, ctx.graph_index,
                                   nodes=[s.node.name], region_key=key, tokens=int(qv.shape[2])))
         routed += 1
-    return _cleanup(gm, routed)
+    _cleanup(gm, routed)
+    if routed and inputs is not None:
+        inputs.drop_unused(gm.graph, inputs_before)  # the dense mask's way in; its construction goes
+    return routed
 
 
 # name -> (pass, the option that switches it); MoE first, so that a shared expert (a
@@ -174,6 +189,7 @@ def graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> int:
     total = 0
+    ctx.root = gm
     if ctx.on_stage:
         ctx.on_stage("dynamo", gm)
     for name, (fn, switch) in PASSES.items():

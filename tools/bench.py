@@ -16,7 +16,9 @@ loss on the final hidden states. ``--ckpt on`` enables layer activation checkpoi
 
 Variants: ``eager``; ``compile`` (torch.compile, inductor); ``liger`` (eager, every MLP
 replaced by Liger-Kernel's ``LigerTiledSwiGLUMLP``, the DeepSpeed/ALST TiledMLP
-algorithm; dense only); ``tilepass`` (default options) and ``tilepass@N`` (N tokens per tile).
+algorithm; dense only); ``tilepass`` (default options: MLP/MoE tiling), ``tilepass+flex``
+(also attention routed to flex attention) and ``tilepass@N`` / ``tilepass+flex@N`` (N tokens
+per tile).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import time
 
 import torch
 
-VARIANTS = ("eager", "compile", "liger", "tilepass")
+VARIANTS = ("eager", "compile", "liger", "tilepass", "tilepass+flex")
 
 
 def build_model(args):
@@ -77,13 +79,13 @@ def make_step(model, variant, args):
         fn = torch.compile(model)
     elif variant == "liger":
         model = fn = with_liger_mlps(model)
-    elif variant.split("@")[0] == "tilepass":
-        opts = {}
+    elif variant.split("@")[0] in ("tilepass", "tilepass+flex"):
+        opts = {"attention": variant.startswith("tilepass+flex")}
         if "@" in variant:
             opts["tile_tokens"] = int(variant.split("@")[1])
         fn = torch.compile(model, backend="tilepass", options=opts)
     else:
-        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}, tilepass@N")
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}, tilepass@N, tilepass+flex@N")
 
     def step(ids):
         hidden = fn(input_ids=ids).last_hidden_state
@@ -137,8 +139,10 @@ def measure(model, variant, seq, ckpt, args):
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         if variant.startswith("tilepass"):
             done = [r for r in tilepass.report() if r.status == "rewritten"]
-            row["tiled_regions"] = len(done)
-            row["tiles"] = sorted({r.tiles for r in done})
+            tiled = [r for r in done if r.kind != "attention"]
+            row["tiled_regions"] = len(tiled)
+            row["tiles"] = sorted({r.tiles for r in tiled})
+            row["routed_attention"] = len(done) - len(tiled)
             row["rejected"] = sorted({r.reason for r in tilepass.report() if r.status == "rejected"})
     except torch.OutOfMemoryError:
         row["oom"] = True
