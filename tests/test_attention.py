@@ -279,7 +279,7 @@ def test_attention_is_off_by_default():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention training needs a GPU (no CPU backward)")
 @pytest.mark.parametrize("arch,impl,pad,ckpt", [
     ("llama", "sdpa", False, False), ("llama", "sdpa", True, True), ("mistral", "sdpa", True, False),
-    ("gemma2", "eager", True, True), ("gpt_oss", "eager", False, False), ("gpt_oss", "eager", True, True),
+    ("gemma2", "eager", True, False), ("gpt_oss", "eager", False, False), ("gpt_oss", "eager", True, False),
 ])
 def test_training_on_cuda_matches_sdpa(arch, impl, pad, ckpt):
     """Loss and every parameter gradient (GPT-OSS: the sinks' too) of a routed training

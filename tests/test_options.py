@@ -11,7 +11,10 @@ from tilepass.options import Options, OptionsError
 def test_defaults():
     o = Options.parse(None)
     assert (o.num_tiles, o.tile_tokens, o.downstream, o.mlp, o.moe, o.attention, o.accumulate_fp32) == (
-        None, None, "inductor", True, True, False, False)
+        None, None, "inductor", True, True, None, False)
+    assert o.enabled("attention") and o.enabled("mlp")
+    assert not Options.parse(downstream="aot_eager").enabled("attention")  # auto: flex only pays off compiled
+    assert not Options.parse(attention=False).enabled("attention")
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,11 @@ class Options:
     mlp: bool = True
     #: Rewrite MoE blocks (router + experts + combine, optional shared expert).
     moe: bool = True
-    #: Route SDPA attention to flex attention with a BlockMask (causal, sliding window,
-    #: padding, packed documents). Off by default until its training path is measured on GPU.
-    attention: bool = False
+    #: Route attention (SDPA, or the eager softmax form) to flex attention with a BlockMask
+    #: (causal, sliding window, padding, packed documents, softcap, GPT-OSS sinks).
+    #: ``None`` (default): on when ``downstream`` is inductor (flex is only fast compiled),
+    #: off otherwise. ``True`` with another downstream is an error.
+    attention: bool | None = None
     #: Sum weight gradients over tiles in float32 for low-precision parameters. Costs one
     #: float32 buffer per weight of the region (2x a bf16 weight) during its backward.
     accumulate_fp32: bool = False
@@ -70,13 +72,21 @@ class Options:
                 f"tilepass option 'downstream' must be one of {', '.join(map(repr, DOWNSTREAMS))}, got {self.downstream!r}"
             )
         for name in ("mlp", "moe", "attention", "accumulate_fp32"):
-            if not isinstance(getattr(self, name), bool):
-                raise OptionsError(f"tilepass option {name!r} must be True or False, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "attention" and value is None):
+                raise OptionsError(f"tilepass option {name!r} must be True or False"
+                                   f"{' (or None: auto)' if name == 'attention' else ''}, got {value!r}")
         if self.attention and self.downstream != "inductor":
             raise OptionsError(
                 "tilepass option 'attention' routes to flex attention, which is only fast when inductor "
                 f"compiles it; use downstream='inductor' (got {self.downstream!r}) or attention=False"
             )
+
+    def enabled(self, switch: str) -> bool:
+        """Is the pass behind option ``switch`` on? (``attention=None`` follows ``downstream``.)"""
+        if switch == "attention" and self.attention is None:
+            return self.downstream == "inductor"
+        return bool(getattr(self, switch))
 
 
 def default_num_tiles(num_tokens: int, in_features: int, intermediate: int) -> int:
