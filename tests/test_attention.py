@@ -371,3 +371,25 @@ def test_packed_documents_are_routed(impl):
     out, graphs = _routed_graphs(model, inputs, mlp=False)
     torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
     assert [r.pattern for r in rewritten("attention")] == [("eager+" if impl == "eager" else "") + "mask(b,kv_idx,q_idx)"] * 2
+
+
+def test_positions_from_an_arange_fold_to_a_plain_causal_mask():
+    """Under compile transformers derives the mask from position ids (and document ids
+    from their restarts) even when they are just an arange. Computed from constants, they
+    fold: the mask program reads no data and is not per batch, i.e. causal."""
+    from tilepass.hop_inputs import BodyInputs
+
+    model = tiny_model("llama", attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # then it builds a mask
+    graphs = []
+    torch.compile(model, backend=lambda gm, ex: graphs.append(gm) or gm.forward)(input_ids=torch.randint(3, 128, (2, 40)))
+    inputs = BodyInputs(graphs[0])
+    bodies = [m for m in graphs[0].modules() if isinstance(m, fx.GraphModule) and m is not graphs[0]]
+    sites = [s for body in bodies for s in find_attention(body.graph, inputs.source)[0]]
+    assert len(bodies) == len(sites) == 2
+    for site in sites:
+        assert site.mask.data == [] and site.mask.uses == {"q_idx", "kv_idx"}
+        i = torch.arange(40)
+        got = site.mask.program(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 1, dtype=torch.long),
+                                i.view(1, 1, 40, 1), i.view(1, 1, 1, 40))
+        assert torch.equal(got.expand(1, 1, 40, 40)[0, 0], torch.ones(40, 40, dtype=torch.bool).tril())

@@ -162,6 +162,12 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
     visit(mask)
     if not leaves:
         raise NotPointwise("the mask does not depend on positions (a mask passed in from outside)")
+    # Data computed from constants alone needs no memory reads in the mask_mod when it is
+    # equal everywhere (the document ids transformers derives from positions that are an
+    # arange: no packing) or is the position itself (those positions): its gathers become
+    # a constant or the index they read at. What is left is then plain causal / windowed.
+    folded = {d: c for d in data if (c := _constant_data(_resolved(d, resolve))) is not None}
+    data = [d for d in data if d not in folded]
     graph = fx.Graph()
     idx = [graph.placeholder(d) for d in _DIMS]
     env: dict[fx.Node, Any] = {}
@@ -174,11 +180,75 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
         if n.op == "call_method" and n.target in _IDENTITY_METHODS:
             env[n] = env[n.args[0]]
             continue
+        if n.target is operator.getitem and n.args[0] in folded:
+            env[n] = _folded_gather(graph, env[n.args[1][-1]], *folded[n.args[0]])
+            continue
         env[n] = graph.create_node(n.op, n.target, fx.node.map_arg(n.args, lambda m: env[alias.get(m, m)]),
                                    fx.node.map_arg(n.kwargs, lambda m: env[alias.get(m, m)]), name=n.name)
     graph.output(env[alias.get(mask, mask)])
-    uses = frozenset(_DIMS[dim] for dim, _ in leaves.values())
+    uses = frozenset(p.name for p in idx if p.users)
     return MaskProgram(fx.GraphModule(torch.nn.Module(), graph, class_name="MaskProgram"), data, uses)
+
+
+def _resolved(n: fx.Node, resolve: Resolve | None) -> fx.Node:
+    while resolve is not None and n.op == "placeholder" and resolve(n) is not None:
+        n = resolve(n)
+    return n
+
+
+_NOT_PURE = ("rand", "normal", "bernoulli", "dropout", "empty", "uniform", "multinomial")
+
+
+def _constant_data(node: fx.Node) -> tuple[str, Any] | None:
+    """``("uniform", c)`` if ``node`` is computed from constants alone (no graph input, no
+    randomness, static shapes) and every element is ``c``; ``("position", offset)`` if it is
+    ``[B, S]`` with ``value[b, i] == i + offset`` in every row; else None."""
+    value = example_value(node)
+    if not isinstance(value, torch.Tensor) or not all(isinstance(s, int) for s in value.shape) or value.numel() == 0:
+        return None
+    order: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+
+    def visit(n: fx.Node) -> bool:
+        if n in seen:
+            return True
+        seen.add(n)
+        if n.op not in ("call_function", "call_method") or any(w in op_name(n) for w in _NOT_PURE):
+            return False
+        if not all(visit(a) for a in arg_nodes(n)):
+            return False
+        order.append(n)
+        return True
+
+    if not visit(node) or len(order) > 64:
+        return None
+    env: dict[fx.Node, Any] = {}
+    try:
+        for n in order:
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+            env[n] = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(*args[1:], **kwargs)
+    except Exception:  # anything that does not evaluate plainly is not treated as a constant
+        return None
+    out = env[node]
+    if not isinstance(out, torch.Tensor) or out.numel() == 0:
+        return None
+    first = out.reshape(-1)[0]
+    if bool((out == first).all()):
+        return "uniform", first.item()
+    if out.dim() == 2 and not out.dtype.is_floating_point and out.dtype != torch.bool:
+        offset = out[0, 0].item()
+        if torch.equal(out, (torch.arange(out.shape[1], device=out.device, dtype=out.dtype) + offset).expand_as(out)):
+            return "position", offset
+    return None
+
+
+def _folded_gather(graph: fx.Graph, index: fx.Node, kind: str, value: Any) -> fx.Node:
+    """``data[b, index]`` for constant data, as index arithmetic (what a mask_mod can hold)."""
+    if kind == "position":
+        return index if value == 0 else graph.call_function(operator.add, (index, value))
+    if isinstance(value, bool):
+        return graph.call_function(operator.eq if value else operator.ne, (index, index))
+    return graph.call_function(operator.add, (graph.call_function(operator.mul, (index, 0)), value))
 
 
 def find_attention(graph: fx.Graph, resolve: Resolve | None = None) -> tuple[list[AttentionSite], list[AttentionRejection]]:
