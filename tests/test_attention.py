@@ -393,3 +393,18 @@ def test_positions_from_an_arange_fold_to_a_plain_causal_mask():
         got = site.mask.program(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 1, dtype=torch.long),
                                 i.view(1, 1, 40, 1), i.view(1, 1, 1, 40))
         assert torch.equal(got.expand(1, 1, 40, 40)[0, 0], torch.ones(40, 40, dtype=torch.bool).tril())
+
+
+def test_eager_form_in_checkpointed_layers_is_declined_where_it_faults(monkeypatch):
+    """Where flex_versions says the eager form faults inside checkpointed layers (CUDA,
+    torch 2.11), those sites stay as they are, with the reason; the graph still runs."""
+    monkeypatch.setattr(flex_versions, "flex_backward_supported", lambda device_type: True)
+    monkeypatch.setattr(flex_versions, "eager_form_in_checkpoint_supported", lambda device_type: False)
+    model = tiny_model("gemma2", attn_implementation="eager")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 128, (2, 40))
+    gm, want, got, records = _rewrite_captured_graph(monkeypatch, model, dict(input_ids=ids), attention=True, mlp=False)
+    assert [(r.status, r.reason) for r in records] == [(
+        "rejected", "eager-form attention inside a checkpointed layer is not routed on cpu (a known fault on torch "
+                    "2.11 CUDA); use attn_implementation='sdpa' or no layer checkpointing")] * 2
+    assert torch.equal(got, want)

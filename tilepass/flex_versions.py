@@ -70,6 +70,17 @@ def mask_buffers_must_be_realized(device_type: str) -> bool:
     return device_type == "cpu"
 
 
+def eager_form_in_checkpoint_supported(device_type: str) -> bool:
+    """May eager-form attention (the softmax written out) be routed inside a checkpointed
+    layer (a ``tag_activation_checkpoint`` body) on this device? Not on CUDA: measured on
+    an H200 with torch 2.11, Gemma 2's eager attention routed there compiled to a kernel
+    that faults with an illegal memory access (with or without softcap and padding), while
+    SDPA sites in the same place, and the eager form without checkpointing, train
+    correctly. On CPU no backward runs through flex attention, so nothing is routed there
+    in training anyway."""
+    return device_type == "cpu"
+
+
 def lse_in_compiled_graph(device_type: str) -> bool:
     """Can flex attention return its log-sum-exp inside a compiled graph on this device?
     Not on CPU: "torch.compile on CPU only supports inference and `return_lse` is not

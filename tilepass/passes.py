@@ -141,13 +141,11 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
                 reason=f"flex attention cannot run a backward on {qv.device.type} with this torch; "
                        "attention is routed there only where no gradient flows (eval, no_grad)"))
             continue
-        if s.replaced and inputs is not None and inputs.calls.get(gm.graph) and qv.device.type != "cpu":
-            # Measured on an H200 (torch 2.11): Gemma 2's eager attention routed inside
-            # tag_activation_checkpoint compiles to a kernel that faults (illegal memory
-            # access), with or without softcap and padding; SDPA sites there are fine.
+        in_checkpoint = inputs is not None and bool(inputs.calls.get(gm.graph))
+        if s.replaced and in_checkpoint and not flex_versions.eager_form_in_checkpoint_supported(qv.device.type):
             ctx.records.append(Record(
                 "rejected", "attention", s.module, s.pattern, ctx.graph_index, nodes=[s.node.name],
-                reason="eager-form attention inside a checkpointed layer is not routed on GPU "
+                reason=f"eager-form attention inside a checkpointed layer is not routed on {qv.device.type} "
                        "(a known fault on torch 2.11 CUDA); use attn_implementation='sdpa' or no layer checkpointing"))
             continue
         if s.sinks is not None and not flex_versions.lse_in_compiled_graph(qv.device.type):

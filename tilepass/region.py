@@ -100,7 +100,7 @@ def build_layout_program(
     tile: reshapes give ``-1`` rows, ``arange(T*m)`` becomes ``arange(rows(x)*m)``, and a
     ``[batch, seq, F]`` tensor is ``[rows, F]``.
     """
-    from .token_layout import Arange, Tok
+    from .token_layout import Arange, Tok, is_view
 
     graph = fx.Graph()
     x = graph.placeholder("x")
@@ -115,7 +115,7 @@ def build_layout_program(
     for n in nodes:
         lay = layouts.get(n)
         out = example_value(n)
-        if rowwise_view(n) and isinstance(lay, Tok):
+        if is_view(n) and isinstance(lay, Tok):
             features = tuple(out.shape[lay.row_dims:])
             env[n] = graph.call_method("reshape", (env[n.args[0]], (-1, *features)))
             continue
@@ -134,10 +134,3 @@ def build_layout_program(
     graph.output(tuple(results))
     graph.lint()
     return fx.GraphModule(torch.nn.Module(), graph, class_name="TileProgram")
-
-
-def rowwise_view(node: fx.Node) -> bool:
-    from .token_layout import _VIEW_FUNCTIONS, _VIEW_METHODS, _is
-
-    return _is(node, _VIEW_FUNCTIONS, _VIEW_METHODS)
-

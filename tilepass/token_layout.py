@@ -138,6 +138,11 @@ def _is(node: fx.Node, functions: set, methods: set | frozenset = frozenset()) -
     )
 
 
+def is_view(node: fx.Node) -> bool:
+    """A reshape-like op (view, reshape, flatten, (un)squeeze, contiguous)."""
+    return _is(node, _VIEW_FUNCTIONS, _VIEW_METHODS)
+
+
 class LayoutAnalysis:
     """Assign layouts to the nodes of a candidate region, in graph order."""
 
