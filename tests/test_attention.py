@@ -206,12 +206,16 @@ def _rewrite_captured_graph(monkeypatch, model, inputs, **options):
     """Capture ``model``'s Dynamo graph, run it, rewrite it with tilepass's passes, run it
     again (eagerly: CPU flex attention runs uncompiled here), return both outputs and the
     pass records. Lets CPU check rewrites whose compiled form needs a GPU."""
+    return _rewrite_fn(model, kwargs=inputs, **options)
+
+
+def _rewrite_fn(fn, args=(), kwargs=None, **options):
     from tilepass import passes
     from tilepass.options import Options
 
     captured = []
-    torch.compile(model, backend=lambda gm, ex: captured.append((gm, ex)) or gm.forward)(**inputs)
-    gm, example_inputs = captured[0]
+    torch.compile(fn, backend=lambda gm, ex: captured.append((gm, ex)) or gm.forward)(*args, **(kwargs or {}))
+    gm, example_inputs = max(captured, key=lambda c: len(c[0].graph.nodes))
     with torch.no_grad():
         want = gm(*example_inputs)[0]
     ctx = passes.PassContext(Options.parse(dict(options)), 0)
@@ -408,3 +412,76 @@ def test_eager_form_in_checkpointed_layers_is_declined_where_it_faults(monkeypat
         "rejected", "eager-form attention inside a checkpointed layer is not routed on cpu (a known fault on torch "
                     "2.11 CUDA); use attn_implementation='sdpa' or no layer checkpointing")] * 2
     assert torch.equal(got, want)
+
+
+
+# --- never a wrong result: what the rewrite must leave alone --------------------------------
+
+def _with_flex_everywhere(monkeypatch):
+    monkeypatch.setattr(flex_versions, "flex_backward_supported", lambda device_type: True)
+    monkeypatch.setattr(flex_versions, "lse_in_compiled_graph", lambda device_type: True)
+
+
+def test_in_place_writes_survive_the_cleanup(monkeypatch):
+    """The dead-code pass after a rewrite keeps unused in-place ops (KV-cache writes, an
+    embedding scaled in place in the outer graph of checkpointed layers)."""
+    _with_flex_everywhere(monkeypatch)
+    model = tiny_model("llama", attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def f(ids):
+        emb = model.model.embed_tokens(ids)
+        emb.mul_(3.0)
+        return model(inputs_embeds=emb, use_cache=False).logits
+
+    gm, want, got, records = _rewrite_fn(f, (torch.randint(3, 128, (2, 40)),), attention=True, mlp=False)
+    assert [r.status for r in records] == ["rewritten", "rewritten"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert any(n.target == "mul_" for n in gm.graph.nodes)
+
+
+def test_mask_data_written_in_place_is_not_folded(monkeypatch):
+    """Document ids built from constants and then written in place are not constants."""
+    _with_flex_everywhere(monkeypatch)
+
+    def f(q, k, v):
+        doc = torch.zeros(2, 16, dtype=torch.long)
+        doc[:, 8:] = 1  # two packed documents
+        ar = torch.arange(16)
+        qi, ki, bi = ar[None, None, :, None], ar[None, None, None, :], torch.arange(2)[:, None, None, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(ki <= qi) & (doc[bi, ki] == doc[bi, qi]))
+
+    gm, want, got, records = _rewrite_fn(f, tuple(torch.randn(2, 2, 16, 8) for _ in range(3)), attention=True)
+    assert [(r.status, r.pattern) for r in records] == [("rewritten", "mask(b,kv_idx,q_idx)")]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_dim,routed", [(-1, True), (2, False), (1, False)])
+def test_sinks_need_the_row_max(monkeypatch, max_dim, routed):
+    """Subtracting a max over another dim is not a no-op under softmax: left alone."""
+    _with_flex_everywhere(monkeypatch)
+
+    def f(q, k, v, sinks):
+        s = torch.matmul(q, k.transpose(2, 3)) * 0.3
+        c = torch.cat([s, sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)], dim=-1)
+        c = c - c.max(dim=max_dim, keepdim=True).values
+        return torch.matmul(F.softmax(c, dim=-1, dtype=c.dtype)[..., :-1], v)
+
+    args = (*(torch.randn(2, 4, 12, 8) for _ in range(3)), torch.randn(4) * 2)
+    gm, want, got, records = _rewrite_fn(f, args, attention=True)
+    assert [r.status for r in records] == ["rewritten" if routed else "rejected"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_additive_mask_read_from_an_offset_slice_is_left_alone(monkeypatch):
+    _with_flex_everywhere(monkeypatch)
+
+    def f(q, k, v):
+        qa, ka = torch.arange(16), torch.arange(12)
+        m = torch.where(ka[None, None, None, :] <= qa[None, None, :, None], 0.0, torch.finfo(torch.float32).min)
+        s = torch.matmul(q, k.transpose(2, 3)) * 0.3 + m[:, :, 4:, :]  # rows 4..: queries shifted by 4
+        return torch.matmul(F.softmax(s, dim=-1), v)
+
+    gm, want, got, records = _rewrite_fn(f, tuple(torch.randn(1, 2, 12, 8) for _ in range(3)), attention=True)
+    assert [(r.status, r.reason) for r in records] == [("rejected", "the additive mask is read from an offset slice")]
+    torch.testing.assert_close(got, want)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import re
 from typing import Any, Iterable, Iterator
 
@@ -123,3 +124,40 @@ def autocast_state(graph: fx.Graph) -> dict[fx.Node, tuple[str, torch.dtype] | N
                 stack.pop()
         state[node] = stack[-1] if stack else None
     return state
+
+
+_INPLACE_OPERATORS = {operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
+                      operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                      operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
+
+
+def mutates(node: fx.Node) -> bool:
+    """Does ``node`` write into one of its inputs? (``x.add_(1)``, ``x[i] = v``, ``out=``,
+    an op whose schema mutates.) FX's own dead-code pass treats most of these as pure."""
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.endswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS or "out" in node.kwargs:
+        return True
+    if getattr(node.target, "__module__", None) == "_operator":
+        return False  # operator.and_ / or_ / not_ are not in place
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return bool(getattr(schema, "is_mutable", False))
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def remove_dead_nodes(graph: fx.Graph) -> int:
+    """Erase nodes nothing reads, keeping any that mutate an input (a KV-cache write, an
+    in-place op) or have side effects: FX's own ``eliminate_dead_code`` deletes unused
+    in-place method calls."""
+    removed = 0
+    for n in reversed(list(graph.nodes)):
+        if n.op in ("placeholder", "output") or n.users or mutates(n) or n.is_impure():
+            continue
+        graph.erase_node(n)
+        removed += 1
+    return removed

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .fx_utils import op_name
+from .fx_utils import op_name, remove_dead_nodes
 
 # Higher-order ops whose operands after the body map 1:1 onto the body's placeholders.
 _BODY_FIRST = {"tag_activation_checkpoint", "wrap"}
@@ -22,6 +22,7 @@ class BodyInputs:
     def __init__(self, root: fx.GraphModule):
         self.calls: dict[fx.Graph, list[fx.Node]] = {}  # body graph -> the calls that run it
         self.owner: dict[fx.Graph, fx.GraphModule] = {}  # body graph -> the module calling it
+        self.unknown: set[fx.Graph] = set()  # bodies reached in a way this class does not model
         for gm in (m for m in root.modules() if isinstance(m, fx.GraphModule)):
             for n in gm.graph.nodes:
                 if n.op != "call_function" or op_name(n) not in _BODY_FIRST or not n.args:
@@ -32,10 +33,14 @@ class BodyInputs:
                 body = gm.get_submodule(attr.target)
                 if not isinstance(body, fx.GraphModule) or len(n.args) - 1 != len(_placeholders(body.graph)):
                     continue
-                if self.owner.setdefault(body.graph, gm) is not gm:
-                    self.calls[body.graph] = []  # called from two graphs: leave it alone
+                if self.owner.setdefault(body.graph, gm) is not gm or any(
+                        u.op != "call_function" or op_name(u) not in _BODY_FIRST or u.args[0] is not attr
+                        for u in attr.users):
+                    self.calls[body.graph] = []  # also used some other way: leave it alone
+                    self.unknown.add(body.graph)
                     continue
-                self.calls.setdefault(body.graph, []).append(n)
+                if body.graph not in self.unknown:
+                    self.calls.setdefault(body.graph, []).append(n)
 
     def source(self, placeholder: fx.Node) -> fx.Node | None:
         """The outer value a body placeholder is at every call (None: not one value)."""
@@ -84,7 +89,7 @@ class BodyInputs:
         if dropped:
             self._recompile(body)
             owner = self.owner[body]
-            owner.graph.eliminate_dead_code()
+            remove_dead_nodes(owner.graph)
             owner.recompile()
         return dropped
 

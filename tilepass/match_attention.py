@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .fx_utils import arg_nodes, common_module, example_value, op_name
+from .fx_utils import arg_nodes, common_module, example_value, mutates, op_name
 
 _POINTWISE_FUNCTIONS = {
     operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne, operator.and_, operator.or_,
@@ -91,8 +91,8 @@ def _index_leaf(node: fx.Node) -> tuple[int, Any] | None:
     if len(full) != 1 or any(s is not None for i, s in enumerate(idx) if i != full[0]):
         return None
     offset = 0
-    if op_name(src) == "add" and isinstance(src.args[1], int) and isinstance(src.args[0], fx.Node):
-        src, offset = src.args[0], src.args[1]
+    if op_name(src) == "add" and isinstance(src.args[1], int) and src.args[1] >= 0 and isinstance(src.args[0], fx.Node):
+        src, offset = src.args[0], src.args[1]  # a negative offset would wrap around in a dense gather
     if op_name(src) != "arange" or len(src.args) != 1:
         return None
     return full[0], offset
@@ -196,7 +196,12 @@ def _resolved(n: fx.Node, resolve: Resolve | None) -> fx.Node:
     return n
 
 
-_NOT_PURE = ("rand", "normal", "bernoulli", "dropout", "empty", "uniform", "multinomial")
+# Ops that compute position and document ids in transformers' masking code; anything else
+# is not evaluated at compile time.
+_CONSTANT_OPS = {"arange", "add", "sub", "mul", "floordiv", "neg", "unsqueeze", "getitem", "diff", "ne", "eq",
+                 "lt", "le", "gt", "ge", "cumsum", "expand", "to", "view", "reshape", "ones", "zeros", "full",
+                 "new_ones", "new_zeros", "ones_like", "zeros_like", "full_like", "clone", "contiguous", "int",
+                 "long", "bool", "__and__", "__or__", "__eq__", "__ne__", "__add__", "__sub__", "__mul__"}
 
 
 def _constant_data(node: fx.Node) -> tuple[str, Any] | None:
@@ -213,14 +218,14 @@ def _constant_data(node: fx.Node) -> tuple[str, Any] | None:
         if n in seen:
             return True
         seen.add(n)
-        if n.op not in ("call_function", "call_method") or any(w in op_name(n) for w in _NOT_PURE):
+        if n.op not in ("call_function", "call_method") or op_name(n) not in _CONSTANT_OPS:
             return False
         if not all(visit(a) for a in arg_nodes(n)):
             return False
         order.append(n)
         return True
 
-    if not visit(node) or len(order) > 64:
+    if not visit(node) or len(order) > 64 or _written_later(order):
         return None
     env: dict[fx.Node, Any] = {}
     try:
@@ -240,6 +245,20 @@ def _constant_data(node: fx.Node) -> tuple[str, Any] | None:
         if torch.equal(out, (torch.arange(out.shape[1], device=out.device, dtype=out.dtype) + offset).expand_as(out)):
             return "position", offset
     return None
+
+
+def _written_later(nodes: list[fx.Node]) -> bool:
+    """Is any of ``nodes``, or anything computed from them (a view may alias), written in
+    place somewhere in the graph? Then their values at compile time prove nothing."""
+    seen, todo = set(nodes), list(nodes)
+    while todo:
+        for u in todo.pop().users:
+            if mutates(u):
+                return True
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return False
 
 
 def _folded_gather(graph: fx.Graph, index: fx.Node, kind: str, value: Any) -> fx.Node:
@@ -403,7 +422,12 @@ def _sinks(softmax: fx.Node):
     x = softmax.args[0]
     if _is_call(x, "sub") and isinstance(x.args[1], fx.Node) and x.args[1].target is operator.getitem \
             and _is_call(x.args[1].args[0], "max") and x.args[1].args[0].args[0] is x.args[0]:
-        nodes += [x, x.args[1], x.args[1].args[0]]  # minus the row max: softmax is shift-invariant
+        mx = x.args[1].args[0]
+        dim = mx.kwargs.get("dim", mx.args[1] if len(mx.args) > 1 else None)
+        keepdim = mx.kwargs.get("keepdim", mx.args[2] if len(mx.args) > 2 else False)
+        if x.args[1].args[1] != 0 or dim not in (-1, 3) or keepdim is not True:
+            return "attention sinks: the logits are shifted by something other than their row max"
+        nodes += [x, x.args[1], mx]  # minus the row max: softmax is shift-invariant
         x = x.args[0]
     cat_dim = x.kwargs.get("dim", x.args[1] if len(x.args) > 1 else 0) if _is_call(x, "cat") else None
     if cat_dim not in (-1, 3) or len(x.args[0]) != 2:
@@ -429,7 +453,9 @@ def _lift_additive(mask: fx.Node, resolve: Resolve | None) -> MaskProgram:
     while m.op == "placeholder" and resolve is not None and resolve(m) is not None:
         m = resolve(m)  # built outside a checkpointed layer
     while m.target is operator.getitem and isinstance(m.args[1], tuple) and all(isinstance(i, slice) for i in m.args[1]):
-        m = m.args[0]  # mask[:, :, :, :kv_len]: the same values where they are read
+        if any(i.start not in (None, 0) or i.step not in (None, 1) for i in m.args[1]):
+            raise NotPointwise("the additive mask is read from an offset slice")
+        m = m.args[0]  # mask[:, :, :, :kv_len]: a prefix, the same values where they are read
     if not (_is_call(m, "where") and len(m.args) == 3):
         raise NotPointwise("the additive mask is not built as where(allowed, 0, min)")
     cond, zero, low = m.args

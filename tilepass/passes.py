@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from . import attention_runtime, flex_versions, runtime
 from .match_attention import find_attention
-from .fx_utils import autocast_state, hint, tensor_value
+from .fx_utils import autocast_state, hint, remove_dead_nodes, tensor_value
 from .hop_inputs import BodyInputs
 from .match_mlp import find_mlps
 from .match_moe import find_moes
@@ -84,7 +84,7 @@ def _tile_region(gm: fx.GraphModule, ctx: PassContext, kind: str, m, program: fx
 
 def _cleanup(gm: fx.GraphModule, rewrites: int) -> int:
     if rewrites:
-        gm.graph.eliminate_dead_code()  # the replaced regions (and a routed dense mask) go
+        remove_dead_nodes(gm.graph)  # the replaced regions (and a routed dense mask) go
         gm.graph.lint()
         gm.recompile()
     return rewrites
