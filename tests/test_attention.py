@@ -485,3 +485,23 @@ def test_additive_mask_read_from_an_offset_slice_is_left_alone(monkeypatch):
     gm, want, got, records = _rewrite_fn(f, tuple(torch.randn(1, 2, 12, 8) for _ in range(3)), attention=True)
     assert [(r.status, r.reason) for r in records] == [("rejected", "the additive mask is read from an offset slice")]
     torch.testing.assert_close(got, want)
+
+
+def test_static_kv_cache_writes_survive_the_rewrite():
+    """Prefill with a StaticCache: the cache writes (unused index_copy_ results) stay in the
+    rewritten graph, so the cache holds the same keys/values as an eager prefill."""
+    from transformers import StaticCache
+
+    model = tiny_model("llama", attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 128, (1, 12))
+    caches = [StaticCache(config=model.config, max_cache_len=32) for _ in range(2)]
+    with torch.no_grad():
+        want = model(input_ids=ids, past_key_values=caches[0], use_cache=True).logits
+        got = torch.compile(model, backend="tilepass", options=dict(num_tiles=2))(
+            input_ids=ids, past_key_values=caches[1], use_cache=True).logits
+    assert rewritten("mlp") and rewritten("attention")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert a.keys.abs().sum() > 0
+        torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
