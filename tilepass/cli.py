@@ -48,16 +48,21 @@ def build_model(args):
     return model.to(dtype).train(args.train)
 
 
+def _options(args) -> dict:
+    options = dict(downstream=args.downstream)
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        options[key] = _parse_value(value)
+    return options
+
+
 def run(args) -> list:
     import torch
 
     import tilepass
 
     model = build_model(args)
-    options = dict(downstream=args.downstream)
-    for item in args.option or []:
-        key, _, value = item.partition("=")
-        options[key] = _parse_value(value)
+    options = _options(args)
     tilepass.Options.parse(options)  # a bad option fails here, not wrapped by Dynamo
     tilepass.reset()
     compiled = torch.compile(model, backend="tilepass", options=options)
@@ -68,6 +73,21 @@ def run(args) -> list:
         if args.train:
             out.loss.backward()
     return tilepass.report()
+
+
+def _passes_off(args) -> list[str]:
+    """One line per pass the options switched off, so an empty row is not mistaken for 'nothing found'."""
+    from .options import Options
+    from .passes import PASSES
+
+    opts = Options.parse(_options(args))
+    lines = []
+    for name, (_, switch) in PASSES.items():
+        if not opts.enabled(switch):
+            why = (f"downstream={opts.downstream!r}; flex attention is only fast under inductor, add --downstream inductor"
+                   if switch == "attention" and opts.attention is None else f"{switch}={getattr(opts, switch)!r}")
+            lines.append(f"pass {name}: off ({why})")
+    return lines
 
 
 def table(records: list) -> str:
@@ -121,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tilepass: {e}", file=sys.stderr)
         return 2
     print(table(records))
+    off = _passes_off(args)
+    if off:
+        print("\n" + "\n".join(off))
     if args.command == "dump":
         folders = sorted(p.name for p in pathlib.Path(root).iterdir() if p.is_dir())
         print(f"\ndump written to {root}/ ({', '.join(folders)}): open graph.html in a browser, diff the stage_*.py files")
