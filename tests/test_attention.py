@@ -505,3 +505,23 @@ def test_static_kv_cache_writes_survive_the_rewrite():
         assert a.keys.abs().sum() > 0
         torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
+
+
+def test_routed_graphs_compile_once_per_mode():
+    """Routing happens inside the graph inductor compiles: calls with the same shapes reuse
+    it, and flipping train/eval compiles once per mode (Dynamo's guard), not per call."""
+    model = tiny_model("llama", attn_implementation="sdpa").eval()
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return tilepass.tilepass_backend(gm, example_inputs, options=dict(mlp=False))
+
+    fn = torch.compile(model, backend=counting)
+    ids = torch.randint(3, 128, (1, 130))
+    with torch.no_grad():
+        for mode in ("eval", "eval", "train", "train", "eval"):
+            getattr(model, mode)()
+            fn(input_ids=ids, use_cache=False)
+    assert len(compiles) == 2
+    assert len(rewritten("attention")) == 4  # two sites, in each mode's graph
