@@ -7,7 +7,9 @@ For each variant, one training step (bench.py's step, layer checkpointing) at ea
 ``--probe`` length gives the peak memory; a least-squares fit (quadratic when three or more
 probes, linear with two) predicts the longest length whose peak stays under ``--fraction``
 of the GPU's memory, rounded down to ``--multiple``; one real step at that length validates
-it (and on OOM the prediction is cut by 10 % and tried once more).
+it (and on OOM the prediction is cut by 10 % and tried once more). Predictions above
+``--cap`` are validated at the cap and reported as a lower bound, so that one device call
+stays within its time.
 """
 from __future__ import annotations
 
@@ -68,6 +70,9 @@ def main(argv=None):
     p.add_argument("--probe", type=int, nargs="+", default=[16384, 32768, 65536])
     p.add_argument("--fraction", type=float, default=0.95, help="of the GPU's total memory")
     p.add_argument("--multiple", type=int, default=4096)
+    p.add_argument("--cap", type=int, default=262144,
+                   help="longest length to validate: a step there must fit the device call (attention is quadratic "
+                        "in time); a prediction above it is reported as max_seq_at_least=cap")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -85,13 +90,16 @@ def main(argv=None):
         if len(ok) >= 2:
             coeffs = fit_peak([r["seq"] for r in ok], [r["peak_gib"] for r in ok])
             guess = predict_max(coeffs, budget, args.multiple)
+            row["predicted"] = guess
+            capped = guess > args.cap
+            guess = min(guess, args.cap)
             for attempt in range(2):
                 bargs.seqs = [guess]
                 check = bench.measure(model, variant, guess, True, bargs)
                 row.setdefault("validations", []).append(dict(seq=guess, oom=bool(check.get("oom")),
                                                                peak_gib=check.get("peak_gib"), step_s=check.get("step_s")))
                 if not check.get("oom"):
-                    row["max_seq"] = guess
+                    row["max_seq_at_least" if capped else "max_seq"] = guess
                     break
                 guess = int(guess * 0.9) // args.multiple * args.multiple
         results.append(row)
@@ -100,7 +108,8 @@ def main(argv=None):
         pathlib.Path(args.out).write_text(json.dumps(dict(torch=torch.__version__, device=torch.cuda.get_device_name(),
                                                           command="python " + " ".join(sys.argv), rows=results), indent=1))
     for r in results:
-        print(f"{r['variant']:<12} max seq {r.get('max_seq', 'n/a')}", file=sys.stderr)
+        found = r.get("max_seq") or (f">= {r['max_seq_at_least']} (predicted {r['predicted']})" if "max_seq_at_least" in r else "n/a")
+        print(f"{r['variant']:<14} max seq {found}", file=sys.stderr)
 
 
 if __name__ == "__main__":
