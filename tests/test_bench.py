@@ -43,3 +43,38 @@ def test_max_seq_fit_and_prediction():
     assert peak(s) <= 130.0 < peak(s + 1024)
     lin = max_seq.fit_peak(seqs[:2], [1.0 + 2e-4 * n for n in seqs[:2]])
     assert max_seq.predict_max(lin, budget=101.0, multiple=4096) == 499712  # 500000 rounded down
+
+
+def test_max_seq_main_validates_caps_and_retries(monkeypatch, tmp_path):
+    """max_seq.main without a GPU: bench.measure replaced by a peak model. A prediction
+    under the cap is validated (one OOM: cut by 10 % and retried); one above the cap is
+    validated at the cap and reported as a lower bound."""
+    import types
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench
+    import max_seq
+    import torch
+
+    peaks = {"steep": lambda s: 1.0 + 4e-9 * s * s, "flat": lambda s: 1.0 + 1e-5 * s}
+    seen = []
+
+    def fake_measure(model, variant, seq, ckpt, args):
+        seen.append((variant, seq))
+        peak = peaks[variant](seq)
+        if variant == "steep" and seq > 150000 and len([v for v in seen if v[0] == "steep"]) == 4:
+            return dict(seq=seq, oom=True)  # the first validation runs out of memory
+        return dict(seq=seq, peak_gib=peak, step_s=1.0)
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench, "build_model", lambda args: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=100 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "fake")
+    out = tmp_path / "m.json"
+    max_seq.main(["--variants", "steep,flat", "--fraction", "1.0", "--cap", "262144", "--out", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    steep, flat = rows["steep"], rows["flat"]
+    assert steep["predicted"] == 155648 and [v["oom"] for v in steep["validations"]] == [True, False]
+    assert steep["max_seq"] == steep["validations"][1]["seq"] == 139264  # 0.9 x, rounded to 4096
+    assert flat["predicted"] > 262144 and flat["max_seq_at_least"] == 262144 and "max_seq" not in flat
