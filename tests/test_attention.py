@@ -163,7 +163,9 @@ def _route_and_compare(arch, impl, pad, pattern):
     out, graphs = _routed_graphs(model, inputs, mlp=False)
     valid = am.bool() if pad else torch.ones_like(am, dtype=torch.bool)
     torch.testing.assert_close(out.logits[valid], want[valid], rtol=1e-5, atol=1e-5)
-    assert [r.pattern for r in rewritten("attention")] == [pattern, pattern]
+    patterns = {pattern} if isinstance(pattern, str) else pattern  # transformers versions differ
+    got = [r.pattern for r in rewritten("attention")]
+    assert len(got) == 2 and set(got) <= patterns, got
     for gm in graphs:
         for n in gm.graph.nodes:
             v = n.meta.get("example_value")
@@ -172,7 +174,8 @@ def _route_and_compare(arch, impl, pad, pattern):
 
 
 @pytest.mark.parametrize("arch,pad,pattern", [
-    ("llama", False, "causal"), ("llama", True, "mask(b,kv_idx,q_idx)"),
+    # an unpadded causal mask: is_causal (transformers 5.24), or a mask folded to kv <= q (5.17)
+    ("llama", False, {"causal", "mask(kv_idx,q_idx)"}), ("llama", True, "mask(b,kv_idx,q_idx)"),
     ("mistral", False, "mask(kv_idx,q_idx)"), ("mistral", True, "mask(b,kv_idx,q_idx)"),
 ])
 def test_eval_routing_matches_sdpa(arch, pad, pattern):
@@ -216,6 +219,8 @@ def _rewrite_fn(fn, args=(), kwargs=None, **options):
     captured = []
     torch.compile(fn, backend=lambda gm, ex: captured.append((gm, ex)) or gm.forward)(*args, **(kwargs or {}))
     gm, example_inputs = max(captured, key=lambda c: len(c[0].graph.nodes))
+    # detached: a checkpointed body may switch grad mode on inside, and CPU flex has no backward
+    example_inputs = [e.detach() if isinstance(e, torch.Tensor) else e for e in example_inputs]
     with torch.no_grad():
         want = gm(*example_inputs)[0]
     ctx = passes.PassContext(Options.parse(dict(options)), 0)
