@@ -42,7 +42,8 @@ def test_context_manager_writes_every_stage(tmp_path):
     jsonschema.validate(report, REPORT_SCHEMA)
     assert [(r["kind"], r["pattern"], r["module"], r["tiles"]) for r in report["regions"]] == [
         ("mlp", "swiglu", "model.layers.0.mlp", 4), ("mlp", "swiglu", "model.layers.1.mlp", 4)]
-    assert report["regions"][0]["nodes"] == ["linear_4", "silu", "linear_5", "mul_11", "down_proj"]
+    nodes = report["regions"][0]["nodes"]  # Dynamo's node names (numbering varies with transformers)
+    assert [n.rstrip("_0123456789") for n in nodes] == ["linear", "silu", "linear", "mul", "down_proj"]
     for r in report["regions"]:
         program = g / "tile_programs" / f"{r['region_key']}.py"
         compile(program.read_text(), str(program), "exec")  # valid Python
