@@ -132,27 +132,14 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
         ctx.records.append(Record("rejected", "attention", r.module, r.pattern, ctx.graph_index,
                                   reason=r.reason, nodes=[r.node.name]))  # one node: no region
     routed = 0
+    in_checkpoint = inputs is not None and bool(inputs.calls.get(gm.graph))
     for s in sites:
         qv = tensor_value(s.q)
         training = torch.is_grad_enabled() and any(tensor_value(t).requires_grad for t in (s.q, s.k, s.v))
-        if training and not flex_versions.flex_backward_supported(qv.device.type):
-            ctx.records.append(Record(
-                "rejected", "attention", s.module, s.pattern, ctx.graph_index, nodes=[s.node.name],
-                reason=f"flex attention cannot run a backward on {qv.device.type} with this torch; "
-                       "attention is routed there only where no gradient flows (eval, no_grad)"))
-            continue
-        in_checkpoint = inputs is not None and bool(inputs.calls.get(gm.graph))
-        if s.replaced and in_checkpoint and not flex_versions.eager_form_in_checkpoint_supported(qv.device.type):
-            ctx.records.append(Record(
-                "rejected", "attention", s.module, s.pattern, ctx.graph_index, nodes=[s.node.name],
-                reason=f"eager-form attention inside a checkpointed layer is not routed on {qv.device.type} "
-                       "(a known fault on torch 2.11 CUDA); use attn_implementation='sdpa' or no layer checkpointing"))
-            continue
-        if s.sinks is not None and not flex_versions.lse_in_compiled_graph(qv.device.type):
-            ctx.records.append(Record(
-                "rejected", "attention", s.module, s.pattern, ctx.graph_index, nodes=[s.node.name],
-                reason=f"attention sinks need flex attention's log-sum-exp, which compiled flex attention "
-                       f"does not return on {qv.device.type}"))
+        reason = _not_routable_here(s, qv.device.type, training, in_checkpoint)
+        if reason:
+            ctx.records.append(Record("rejected", "attention", s.module, s.pattern, ctx.graph_index,
+                                      nodes=[s.node.name], reason=reason))
             continue
         key = None
         if s.mask is not None:
@@ -177,6 +164,20 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     if routed and inputs is not None:
         inputs.drop_unused(gm.graph, inputs_before)  # the dense mask's way in; its construction goes
     return routed
+
+
+def _not_routable_here(site, device_type: str, training: bool, in_checkpoint: bool) -> str | None:
+    """Why a provably equivalent site still cannot be routed on this device (None: it can)."""
+    if training and not flex_versions.flex_backward_supported(device_type):
+        return (f"flex attention cannot run a backward on {device_type} with this torch; "
+                "attention is routed there only where no gradient flows (eval, no_grad)")
+    if site.replaced and in_checkpoint and not flex_versions.eager_form_in_checkpoint_supported(device_type):
+        return (f"eager-form attention inside a checkpointed layer is not routed on {device_type} "
+                "(a known fault on torch 2.11 CUDA); use attn_implementation='sdpa' or no layer checkpointing")
+    if site.sinks is not None and not flex_versions.lse_in_compiled_graph(device_type):
+        return (f"attention sinks need flex attention's log-sum-exp, which compiled flex attention "
+                f"does not return on {device_type}")
+    return None
 
 
 # name -> (pass, the option that switches it); MoE first, so that a shared expert (a
