@@ -530,3 +530,32 @@ def test_routed_graphs_compile_once_per_mode():
             fn(input_ids=ids, use_cache=False)
     assert len(compiles) == 2
     assert len(rewritten("attention")) == 4  # two sites, in each mode's graph
+
+
+@pytest.mark.parametrize("eq", [operator.eq, torch.eq])
+def test_folded_constants_propagate_through_the_mask_program(eq):
+    """Uniform document ids (no packing) fold to Python constants; ``doc[q] == doc[kv]``
+    then evaluates to True and ``causal & True`` to ``causal``: the program reads neither
+    data nor extra arithmetic. Spelled as ``torch.eq`` it stays a tensor op on a folded value."""
+    from tilepass.match_attention import lift_mask
+
+    g = fx.Graph()
+    ar = g.call_function(torch.arange, (8,))
+    qi = g.call_function(operator.getitem, (ar, (None, None, slice(None), None)))
+    ki = g.call_function(operator.getitem, (ar, (None, None, None, slice(None))))
+    bi = g.call_function(operator.getitem, (g.call_function(torch.arange, (2,)), (slice(None), None, None, None)))
+    doc = g.call_function(torch.zeros, ((2, 8),), {"dtype": torch.long})
+    doc.meta["example_value"] = torch.zeros(2, 8, dtype=torch.long)
+    same = g.call_method("to", (g.call_function(eq, (g.call_function(operator.getitem, (doc, (bi, qi))),
+                                                    g.call_function(operator.getitem, (doc, (bi, ki))))), torch.bool))
+    mask = g.call_function(operator.and_, (g.call_function(operator.le, (ki, qi)), same))
+    mask.meta["example_value"] = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    g.output(mask)
+    lifted = lift_mask(mask)
+    assert lifted.data == [] and lifted.uses == {"q_idx", "kv_idx"}
+    i = torch.arange(8)
+    got = lifted.program(torch.arange(2).view(2, 1, 1, 1), torch.zeros(1, 1, 1, 1, dtype=torch.long),
+                         i.view(1, 1, 8, 1), i.view(1, 1, 1, 8))
+    assert torch.equal(got.expand(2, 1, 8, 8), torch.ones(8, 8, dtype=torch.bool).tril().expand(2, 1, 8, 8))
+    if eq is operator.eq:
+        assert [n.target for n in lifted.program.graph.nodes if n.op == "call_function"] == [operator.le]

@@ -176,18 +176,52 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
     for i, d in enumerate(data):
         env[d] = graph.placeholder(f"data{i}")
     position = {n: (rank[g], i) for g in rank for i, n in enumerate(g.nodes)}
+
+    def value(m: fx.Node) -> Any:
+        return env[alias.get(m, m)]
+
+    def as_tensor(v: Any) -> Any:  # a Python constant where the program needs a tensor
+        return v if isinstance(v, fx.Node) else _folded_gather(graph, idx[2], "uniform", v)
+
     for n in sorted(order, key=position.__getitem__):
         if n.op == "call_method" and n.target in _IDENTITY_METHODS:
-            env[n] = env[n.args[0]]
+            env[n] = value(n.args[0])
             continue
         if n.target is operator.getitem and n.args[0] in folded:
-            env[n] = _folded_gather(graph, env[n.args[1][-1]], *folded[n.args[0]])
+            kind, c = folded[n.args[0]]  # a uniform constant stays a Python value, propagated below
+            env[n] = c if kind == "uniform" else _folded_gather(graph, value(n.args[1][-1]), kind, c)
             continue
-        env[n] = graph.create_node(n.op, n.target, fx.node.map_arg(n.args, lambda m: env[alias.get(m, m)]),
-                                   fx.node.map_arg(n.kwargs, lambda m: env[alias.get(m, m)]), name=n.name)
-    graph.output(env[alias.get(mask, mask)])
+        args, kwargs = fx.node.map_arg(n.args, value), fx.node.map_arg(n.kwargs, value)
+        inputs = [value(m) for m in arg_nodes(n)]
+        constant = bool(inputs) and not any(isinstance(v, fx.Node) for v in inputs)
+        if constant:
+            c = _eval_constant(n, args)
+            if c is not None:
+                env[n] = c
+                continue
+        if n.op == "call_function" and n.target in (operator.and_, torch.logical_and) and True in args:
+            env[n] = as_tensor(args[1] if args[0] is True else args[0])  # x & True is x
+            continue
+        if (constant or n.op == "call_method") and not isinstance(args[0], fx.Node):
+            args = (as_tensor(args[0]), *args[1:])  # a tensor op (or method) on a folded value
+        env[n] = graph.create_node(n.op, n.target, args, kwargs, name=n.name)
+    graph.output(as_tensor(value(mask)))
     uses = frozenset(p.name for p in idx if p.users)
     return MaskProgram(fx.GraphModule(torch.nn.Module(), graph, class_name="MaskProgram"), data, uses)
+
+
+def _eval_constant(n: fx.Node, args: tuple) -> bool | int | float | None:
+    """``n`` evaluated on Python constants (``0 == 0``, ``True.to(device)``), or None."""
+    if n.op == "call_method":
+        v = args[0]
+        if n.target == "to":
+            dtype = next((a for a in args[1:] if isinstance(a, torch.dtype)), None)
+            return v if dtype is None else (bool(v) if dtype == torch.bool else v if dtype.is_floating_point else int(v))
+        return {"bool": bool, "int": int, "long": int}.get(n.target, lambda _: None)(v)
+    if n.op == "call_function" and getattr(n.target, "__module__", None) == "_operator":
+        out = n.target(*args)
+        return out if isinstance(out, (bool, int, float)) else None
+    return None
 
 
 def _resolved(n: fx.Node, resolve: Resolve | None) -> fx.Node:
