@@ -559,3 +559,28 @@ def test_folded_constants_propagate_through_the_mask_program(eq):
     assert torch.equal(got.expand(2, 1, 8, 8), torch.ones(8, 8, dtype=torch.bool).tril().expand(2, 1, 8, 8))
     if eq is operator.eq:
         assert [n.target for n in lifted.program.graph.nodes if n.op == "call_function"] == [operator.le]
+
+
+@pytest.mark.parametrize("dynamic", [None, False])
+def test_varying_sequence_lengths(dynamic):
+    """A third length makes Dynamo compile a dynamic-shape graph; routing that is not
+    supported yet (flex_versions.symbolic_lengths_supported), so it stays SDPA with the
+    reason. With dynamic=False every length gets its own routed graph. Outputs stay right."""
+    model = tiny_model("llama", attn_implementation="sdpa").eval()
+    fn = torch.compile(model, backend="tilepass", options=dict(mlp=False), dynamic=dynamic)
+    for seq in (40, 56, 77):
+        ids = torch.randint(3, 128, (2, seq))
+        am = torch.ones(2, seq, dtype=torch.long)
+        am[1, :5] = 0
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+            got = fn(input_ids=ids, attention_mask=am, use_cache=False).logits
+        torch.testing.assert_close(got[am.bool()], want[am.bool()], rtol=1e-5, atol=1e-5)
+    statuses = [r.status for r in tilepass.report() if r.kind == "attention"]
+    if dynamic is False:
+        assert statuses == ["rewritten"] * 6
+    else:
+        assert statuses[:2] == ["rewritten"] * 2 and set(statuses[2:]) == {"rejected"}
+        assert {r.reason for r in rejected("attention")} == {
+            "dynamic sequence length: routing it is not supported yet (inductor fails on it); "
+            "torch.compile(..., dynamic=False) routes each length"}

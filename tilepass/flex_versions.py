@@ -81,6 +81,15 @@ def eager_form_in_checkpoint_supported(device_type: str) -> bool:
     return device_type == "cpu"
 
 
+def symbolic_lengths_supported() -> bool:
+    """May attention with a symbolic (dynamic-shape) query/key length be routed? Not yet:
+    on torch 2.13 (CPU) inductor fails on such a graph once the mask reads data ("A subgraph
+    argument other than striding has been modified; FakeTensorUpdater cannot update this
+    argument"), and under dynamic shapes transformers' masks always read data (positions).
+    ``torch.compile(..., dynamic=False)`` keeps routing when lengths vary (one graph each)."""
+    return False
+
+
 def lse_in_compiled_graph(device_type: str) -> bool:
     """Can flex attention return its log-sum-exp inside a compiled graph on this device?
     Not on CPU: "torch.compile on CPU only supports inference and `return_lse` is not

@@ -155,6 +155,10 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
             raise NotPointwise(f"the mask is built by `{op_name(n)}`, which is not pointwise in (b, h, q, kv)")
         if n.op == "call_method" and n.target == "to" and any(isinstance(a, torch.dtype) and a.is_floating_point for a in n.args):
             raise NotPointwise("the mask goes through a float tensor")
+        if n.op == "call_method" and n.target in _IDENTITY_METHODS:
+            visit(n.args[0])  # expand(2, -1, s0, s0): the sizes (symbolic under dynamic shapes) are not mask values
+            order.append(n)
+            return
         for a in arg_nodes(n):
             visit(a)
         order.append(n)

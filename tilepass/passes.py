@@ -168,6 +168,10 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
 
 def _not_routable_here(site, device_type: str, training: bool, in_checkpoint: bool) -> str | None:
     """Why a provably equivalent site still cannot be routed on this device (None: it can)."""
+    q_len, kv_len = tensor_value(site.q).shape[2], tensor_value(site.k).shape[2]
+    if not (isinstance(q_len, int) and isinstance(kv_len, int)) and not flex_versions.symbolic_lengths_supported():
+        return ("dynamic sequence length: routing it is not supported yet (inductor fails on it); "
+                "torch.compile(..., dynamic=False) routes each length")
     if training and not flex_versions.flex_backward_supported(device_type):
         return (f"flex attention cannot run a backward on {device_type} with this torch; "
                 "attention is routed there only where no gradient flows (eval, no_grad)")
