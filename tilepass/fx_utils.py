@@ -139,7 +139,7 @@ def mutates(node: fx.Node) -> bool:
         return name.endswith("_") and not name.endswith("__")
     if node.op != "call_function":
         return False
-    if node.target in _INPLACE_OPERATORS or "out" in node.kwargs:
+    if node.target in _INPLACE_OPERATORS or node.kwargs.get("out") is not None:
         return True
     if getattr(node.target, "__module__", None) == "_operator":
         return False  # operator.and_ / or_ / not_ are not in place

@@ -185,7 +185,7 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
         return env[alias.get(m, m)]
 
     def as_tensor(v: Any) -> Any:  # a Python constant where the program needs a tensor
-        return v if isinstance(v, fx.Node) else _folded_gather(graph, idx[2], "uniform", v)
+        return v if isinstance(v, fx.Node) else _constant_tensor(graph, idx[2], v)
 
     for n in sorted(order, key=position.__getitem__):
         if n.op == "call_method" and n.target in _IDENTITY_METHODS:
@@ -193,7 +193,8 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
             continue
         if n.target is operator.getitem and n.args[0] in folded:
             kind, c = folded[n.args[0]]  # a uniform constant stays a Python value, propagated below
-            env[n] = c if kind == "uniform" else _folded_gather(graph, value(n.args[1][-1]), kind, c)
+            index = value(n.args[1][-1])  # "position": data[b, i] is i + c
+            env[n] = c if kind == "uniform" else index if c == 0 else graph.call_function(operator.add, (index, c))
             continue
         args, kwargs = fx.node.map_arg(n.args, value), fx.node.map_arg(n.kwargs, value)
         inputs = [value(m) for m in arg_nodes(n)]
@@ -299,10 +300,9 @@ def _written_later(nodes: list[fx.Node]) -> bool:
     return False
 
 
-def _folded_gather(graph: fx.Graph, index: fx.Node, kind: str, value: Any) -> fx.Node:
-    """``data[b, index]`` for constant data, as index arithmetic (what a mask_mod can hold)."""
-    if kind == "position":
-        return index if value == 0 else graph.call_function(operator.add, (index, value))
+def _constant_tensor(graph: fx.Graph, index: fx.Node, value: bool | int | float) -> fx.Node:
+    """``value`` as a tensor broadcastable like ``index``, by index arithmetic alone (what a
+    mask_mod can hold)."""
     if isinstance(value, bool):
         return graph.call_function(operator.eq if value else operator.ne, (index, index))
     return graph.call_function(operator.add, (graph.call_function(operator.mul, (index, 0)), value))
@@ -488,8 +488,7 @@ def _lift_additive(mask: fx.Node, resolve: Resolve | None) -> MaskProgram:
     """An additive mask ``where(allowed, 0, min)`` (maybe sliced to the key length) as a
     boolean mask program."""
     m = mask
-    while m.op == "placeholder" and resolve is not None and resolve(m) is not None:
-        m = resolve(m)  # built outside a checkpointed layer
+    m = _resolved(m, resolve)  # built outside a checkpointed layer
     while m.target is operator.getitem and isinstance(m.args[1], tuple) and all(isinstance(i, slice) for i in m.args[1]):
         if any(i.start not in (None, 0) or i.step not in (None, 1) for i in m.args[1]):
             raise NotPointwise("the additive mask is read from an offset slice")

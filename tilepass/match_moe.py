@@ -14,14 +14,13 @@ Knows nothing of tiling; returns matches and rejections with reasons.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from . import rowwise
-from .fx_utils import arg_nodes, common_module, example_value, leading_numel, op_name, tensor_value
+from .fx_utils import arg_nodes, common_module, example_value, leading_numel, mutates, op_name, tensor_value
 from .token_layout import LayoutAnalysis, NotTokenwise, Tok
 
 
@@ -225,15 +224,9 @@ def _natural(layout: Any) -> bool:
     return isinstance(layout, Tok) and layout.m == 1 and layout.perm is None
 
 
-_IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
 def _mutates(node: fx.Node) -> fx.Node | None:
     """The tensor an in-place op writes (``out.add_(b)``, ``inv[perm] = ...``), else None."""
-    in_place = (node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("_")) or (
-        node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS
-    )
-    if in_place and node.args and isinstance(node.args[0], fx.Node):
+    if mutates(node) and node.args and isinstance(node.args[0], fx.Node):
         return node.args[0]
     return None
 

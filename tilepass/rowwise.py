@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .fx_utils import example_value, known_equal, leading_numel, op_name, tensor_value
+from .fx_utils import example_value, known_equal, leading_numel, mutates, op_name, tensor_value
 
 # Ops that act on each element (given token operands of one shape and external operands
 # that broadcast over the features only).
@@ -177,9 +177,7 @@ def classify(node: fx.Node, num_tokens: Any) -> Verdict:
     name = op_name(node)
     if node.op not in ("call_function", "call_method"):
         return Verdict("rejected", f"`{node.name}` ({node.op}) is not an op")
-    if node.op == "call_method" and name.endswith("_") and not name.startswith("__"):
-        return Verdict("rejected", f"op `{name}` works in place")
-    if node.kwargs.get("inplace") or node.kwargs.get("out") is not None:
+    if mutates(node) or node.kwargs.get("inplace"):
         return Verdict("rejected", f"op `{name}` works in place")
     out = example_value(node)
     target = node.target
