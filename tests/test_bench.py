@@ -78,3 +78,4 @@ def test_max_seq_main_validates_caps_and_retries(monkeypatch, tmp_path):
     assert steep["predicted"] == 155648 and [v["oom"] for v in steep["validations"]] == [True, False]
     assert steep["max_seq"] == steep["validations"][1]["seq"] == 139264  # 0.9 x, rounded to 4096
     assert flat["predicted"] > 262144 and flat["max_seq_at_least"] == 262144 and "max_seq" not in flat
+    assert abs(flat["validations"][0]["fitted_peak_gib"] - peaks["flat"](262144)) < 1e-9

@@ -126,6 +126,9 @@ def measure(model, variant, seq, ckpt, args):
         step(ids)
         sync(args.device)
         row["first_s"] = time.perf_counter() - t0
+        if args.steps == 0:  # one step only (max_seq.py's long validations): its peak and time
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            return row
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         times = []
@@ -161,7 +164,8 @@ def main(argv=None):
     p.add_argument("--seqs", type=int, nargs="+", default=[16384, 32768, 65536])
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--ckpt", choices=["on", "off", "both"], default="on")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed steps after the first; 0: the first step alone gives peak and time")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny hidden sizes, for a CPU smoke test")

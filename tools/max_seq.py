@@ -9,7 +9,9 @@ probes, linear with two) predicts the longest length whose peak stays under ``--
 of the GPU's memory, rounded down to ``--multiple``; one real step at that length validates
 it (and on OOM the prediction is cut by 10 % and tried once more). Predictions above
 ``--cap`` are validated at the cap and reported as a lower bound, so that one device call
-stays within its time.
+stays within its time; the validation row holds the fitted peak beside the measured one,
+which checks the extrapolation far beyond the probes. A validation is a single step (its
+time includes any compilation).
 """
 from __future__ import annotations
 
@@ -94,19 +96,25 @@ def main(argv=None):
             capped = guess > args.cap
             guess = min(guess, args.cap)
             for attempt in range(2):
-                bargs.seqs = [guess]
+                bargs.seqs, bargs.steps = [guess], 0  # one step: at these lengths attention takes minutes
                 check = bench.measure(model, variant, guess, True, bargs)
-                row.setdefault("validations", []).append(dict(seq=guess, oom=bool(check.get("oom")),
-                                                               peak_gib=check.get("peak_gib"), step_s=check.get("step_s")))
+                bargs.steps = 1
+                fitted = sum(c * guess ** (len(coeffs) - 1 - i) for i, c in enumerate(coeffs))
+                row.setdefault("validations", []).append(dict(
+                    seq=guess, oom=bool(check.get("oom")), peak_gib=check.get("peak_gib"), fitted_peak_gib=fitted,
+                    step_s=check.get("first_s")))
                 if not check.get("oom"):
                     row["max_seq_at_least" if capped else "max_seq"] = guess
                     break
                 guess = int(guess * 0.9) // args.multiple * args.multiple
         results.append(row)
         print(json.dumps(row), flush=True)
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(dict(torch=torch.__version__, device=torch.cuda.get_device_name(),
-                                                          command="python " + " ".join(sys.argv), rows=results), indent=1))
+        if args.out:  # after every variant: a call cut off by its time limit keeps what it measured
+            import transformers
+
+            pathlib.Path(args.out).write_text(json.dumps(dict(
+                torch=torch.__version__, transformers=transformers.__version__, device=torch.cuda.get_device_name(),
+                command="python " + " ".join(sys.argv), rows=results), indent=1))
     for r in results:
         found = r.get("max_seq") or (f">= {r['max_seq_at_least']} (predicted {r['predicted']})" if "max_seq_at_least" in r else "n/a")
         print(f"{r['variant']:<14} max seq {found}", file=sys.stderr)
