@@ -151,7 +151,7 @@ def _routed_graphs(model, inputs, **options):
 
 
 def _route_and_compare(arch, impl, pad, pattern):
-    """Route a tiny model's attention in eval; its logits equal the unrouted model's
+    """Route a tiny model's attention to flex in eval; its logits equal the unrouted model's
     (float32, on positions with a key to attend to); no [Q, KV] tensor and no SDPA are left."""
     model = tiny_model(arch, attn_implementation=impl).eval()
     ids = torch.randint(3, 128, (2, 150))
@@ -160,7 +160,7 @@ def _route_and_compare(arch, impl, pad, pattern):
     inputs = dict(input_ids=ids, attention_mask=am if pad else None)
     with torch.no_grad():
         want = model(**inputs).logits
-    out, graphs = _routed_graphs(model, inputs, mlp=False)
+    out, graphs = _routed_graphs(model, inputs, mlp=False, attention_kernel="flex")
     valid = am.bool() if pad else torch.ones_like(am, dtype=torch.bool)
     torch.testing.assert_close(out.logits[valid], want[valid], rtol=1e-5, atol=1e-5)
     patterns = {pattern} if isinstance(pattern, str) else pattern  # transformers versions differ
@@ -261,11 +261,14 @@ def test_sinks_renormalisation_equals_a_softmax_with_an_extra_column():
     torch.testing.assert_close(got, probs @ vr, rtol=1e-5, atol=1e-5)
 
 
-def test_training_on_cpu_is_not_routed_and_stays_exact():
+def test_training_on_cpu_is_not_routed_to_flex_and_stays_exact():
     model = tiny_model("llama", attn_implementation="sdpa")
     ids = torch.randint(3, 128, (2, 24))
-    want = model(input_ids=ids, labels=ids).loss
-    got = torch.compile(model, backend="tilepass", options=dict(attention=True, num_tiles=2))(input_ids=ids, labels=ids).loss
+    am = torch.ones(2, 24, dtype=torch.long)
+    am[1, :5] = 0  # padding: a mask only flex can take
+    want = model(input_ids=ids, attention_mask=am, labels=ids).loss
+    got = torch.compile(model, backend="tilepass", options=dict(attention=True, num_tiles=2))(
+        input_ids=ids, attention_mask=am, labels=ids).loss
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     reasons = {r.reason for r in rejected("attention")}
     assert reasons == {"flex attention cannot run a backward on cpu with this torch; attention is routed there "
@@ -286,11 +289,14 @@ def test_attention_is_off_by_default():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention training needs a GPU (no CPU backward)")
-@pytest.mark.parametrize("arch,impl,pad,ckpt", [
-    ("llama", "sdpa", False, False), ("llama", "sdpa", True, True), ("mistral", "sdpa", True, False),
-    ("gemma2", "eager", True, False), ("gpt_oss", "eager", False, False), ("gpt_oss", "eager", True, False),
+@pytest.mark.parametrize("arch,impl,pad,ckpt,kernel", [
+    ("llama", "sdpa", False, False, "flex"), ("llama", "sdpa", True, True, "auto"), ("mistral", "sdpa", True, False, "auto"),
+    ("gemma2", "eager", True, False, "auto"), ("gpt_oss", "eager", False, False, "auto"),
+    ("gpt_oss", "eager", True, False, "auto"),
+    # plain causal: SDPA's fused kernel, from the dense mask and from the eager form in checkpointed layers
+    ("llama", "sdpa", False, True, "auto"), ("llama", "eager", False, True, "auto"),
 ])
-def test_training_on_cuda_matches_sdpa(arch, impl, pad, ckpt):
+def test_training_on_cuda_matches_sdpa(arch, impl, pad, ckpt, kernel):
     """Loss and every parameter gradient (GPT-OSS: the sinks' too) of a routed training
     step equal the unrouted model's (float32 on CUDA; flex and SDPA accumulate in
     different orders)."""
@@ -309,9 +315,11 @@ def test_training_on_cuda_matches_sdpa(arch, impl, pad, ckpt):
     want_loss.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    got_loss = torch.compile(model, backend="tilepass", options=dict(attention=True))(**inputs).loss
+    got_loss = torch.compile(model, backend="tilepass", options=dict(attention=True, attention_kernel=kernel))(**inputs).loss
     got_loss.backward()
     assert len(rewritten("attention")) == 2, tilepass.report()
+    plain_causal = not pad and arch == "llama"
+    assert {r.kernel for r in rewritten("attention")} == {"sdpa" if plain_causal and kernel == "auto" else "flex"}
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-4)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-3, atol=1e-4, msg=lambda m, n=n: f"grad of {n}: {m}")
@@ -502,7 +510,7 @@ def test_static_kv_cache_writes_survive_the_rewrite():
     caches = [StaticCache(config=model.config, max_cache_len=32) for _ in range(2)]
     with torch.no_grad():
         want = model(input_ids=ids, past_key_values=caches[0], use_cache=True).logits
-        got = torch.compile(model, backend="tilepass", options=dict(num_tiles=2))(
+        got = torch.compile(model, backend="tilepass", options=dict(num_tiles=2, attention_kernel="flex"))(
             input_ids=ids, past_key_values=caches[1], use_cache=True).logits
     assert rewritten("mlp") and rewritten("attention")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -582,5 +590,153 @@ def test_varying_sequence_lengths(dynamic):
     else:
         assert statuses[:2] == ["rewritten"] * 2 and set(statuses[2:]) == {"rejected"}
         assert {r.reason for r in rejected("attention")} == {
-            "dynamic sequence length: routing it is not supported yet (inductor fails on it); "
+            "dynamic sequence length: routing it to flex attention is not supported yet (inductor fails on it); "
             "torch.compile(..., dynamic=False) routes each length"}
+
+
+# --- plain causal masks go to SDPA's fused kernels (attention_kernel="auto") ---------------
+
+def _program(build):
+    """A mask program fn(b, h, q_idx, kv_idx) from ``build(q, kv) -> node``."""
+    from tilepass.match_attention import MaskProgram
+
+    g = fx.Graph()
+    b, h, q, kv = (g.placeholder(n) for n in ("b", "h", "q_idx", "kv_idx"))
+    g.output(build(g, q, kv))
+    return MaskProgram(fx.GraphModule(torch.nn.Module(), g), [], frozenset({"q_idx", "kv_idx"}))
+
+
+@pytest.mark.parametrize("build,causal", [
+    (lambda g, q, kv: g.call_function(operator.le, (kv, q)), True),
+    (lambda g, q, kv: g.call_function(operator.ge, (q, kv)), True),
+    (lambda g, q, kv: g.call_method("__le__", (kv, q)), True),
+    (lambda g, q, kv: g.call_function(torch.ge, (q, kv)), True),
+    (lambda g, q, kv: g.call_function(operator.le, (q, kv)), False),  # the other triangle
+    (lambda g, q, kv: g.call_function(operator.lt, (kv, q)), False),  # no diagonal
+    (lambda g, q, kv: g.call_function(operator.le, (kv, g.call_function(operator.add, (q, 1)))), False),  # offset
+    (lambda g, q, kv: g.call_function(operator.and_, (g.call_function(operator.le, (kv, q)),
+                                                      g.call_function(operator.gt, (kv, g.call_function(operator.sub, (q, 4))))
+                                                      )), False),  # sliding window
+])
+def test_plain_causal_programs_are_recognised_exactly(build, causal):
+    from tilepass.match_attention import is_plain_causal
+
+    assert is_plain_causal(_program(build)) is causal
+
+
+def _causal_attention(eager_form):
+    """An attention block as transformers writes it under compile: a boolean causal mask
+    built from aranges, then SDPA (or the eager softmax form, in float64 throughout), GQA by
+    repeat_kv. Float64-exact on CPU, unlike transformers' float32 RoPE."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.kv, self.o = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q = self.q(x).view(b, s, 4, 8).transpose(1, 2)
+            k, v = self.kv(x).view(b, s, 2, 2, 8).permute(2, 0, 3, 1, 4)
+            k, v = (t[:, :, None, :, :].expand(b, 2, 2, s, 8).reshape(b, 4, s, 8) for t in (k, v))  # repeat_kv
+            i = torch.arange(s, device=x.device)
+            mask = (i[None, None, None, :] <= i[None, None, :, None]).expand(b, 1, s, s)
+            if eager_form:
+                scores = q @ k.transpose(2, 3) * 8 ** -0.5
+                scores = scores + torch.where(mask, torch.tensor(0.0, dtype=x.dtype), torch.finfo(x.dtype).min)
+                out = torch.softmax(scores, dim=-1) @ v
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.o(out.transpose(1, 2).reshape(b, s, 32))
+
+    return Attention
+
+
+@pytest.mark.parametrize("eager_form", [False, True])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_plain_causal_trains_on_sdpa_exactly(eager_form, ckpt):
+    """Training on CPU, float64: the causal site becomes SDPA(is_causal=True) over the
+    un-repeated kv heads (GQA), inside checkpointed layers too; outputs and every gradient
+    equal eager at 1e-10, and no [Q, KV] tensor is left in the graph inductor gets."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    attn = _causal_attention(eager_form)().double()
+
+    def f(x):
+        return checkpoint(attn, x, use_reentrant=False) if ckpt else attn(x)
+
+    x = torch.randn(2, 37, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 37, 32, dtype=torch.float64)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        fn = tilepass.tilepass_backend(gm, example_inputs)
+        graphs.append(gm)
+        return fn
+
+    results = []
+    for fn in (f, torch.compile(f, backend=keep)):
+        out = fn(x)
+        grads = torch.autograd.grad((out * w).sum(), [x, *attn.parameters()])
+        results.append((out, grads))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    [record] = rewritten("attention")
+    assert record.kernel == "sdpa" and not rejected("attention")
+    sdpa = [n for gm in graphs for m in gm.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes
+            if n.target is F.scaled_dot_product_attention]
+    assert len(sdpa) == 1 and sdpa[0].kwargs == dict(is_causal=True, scale=8 ** -0.5 if eager_form else None, enable_gqa=True)
+    assert tuple(sdpa[0].args[1].meta["example_value"].shape) == (2, 2, 37, 8)  # the kv heads, not repeated
+    for gm in graphs:
+        for m in gm.modules():
+            for n in getattr(m, "graph", fx.Graph()).nodes:
+                v = n.meta.get("example_value")
+                assert not (isinstance(v, torch.Tensor) and tuple(v.shape[-2:]) == (37, 37)), n.name
+
+
+def test_plain_causal_llama_trains_through_sdpa_in_checkpointed_layers():
+    """A transformers Llama with layer checkpointing (the benchmark's setting: under compile
+    it builds a dense mask from positions): both sites go to SDPA is_causal, the MLPs are
+    tiled, and a float64 training step matches eager (to the tolerance test_hf_models uses
+    against eager: transformers' RoPE is float32, and inductor fuses it differently; the
+    float64-exact check is test_plain_causal_trains_on_sdpa_exactly)."""
+    from conftest import assert_close_results, train_step
+
+    model = tiny_model("llama", attn_implementation="sdpa").double()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 128, (2, 37))
+    weights = torch.randn(2, 37, 128, dtype=torch.float64)
+    inputs = dict(input_ids=ids, labels=ids)
+    want = train_step(model, inputs, weights)
+    got = train_step(model, inputs, weights, call=torch.compile(model, backend="tilepass", options=dict(num_tiles=3)))
+    assert_close_results(got, want, rtol=1e-4, atol=1e-5)
+    assert [r.kernel for r in rewritten("attention")] == ["sdpa", "sdpa"] and len(rewritten("mlp")) == 2
+
+
+def test_attention_kernel_flex_keeps_causal_on_flex():
+    model = tiny_model("llama", attn_implementation="eager").eval()
+    ids = torch.randint(3, 128, (2, 30))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        for kernel in ("auto", "flex"):
+            tilepass.reset()
+            got = torch.compile(model, backend="tilepass", options=dict(attention_kernel=kernel, mlp=False))(input_ids=ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert [r.kernel for r in rewritten("attention")] == [{"auto": "sdpa", "flex": "flex"}[kernel]] * 2
+            torch._dynamo.reset()
+
+
+def test_sdpa_without_a_mask_is_left_as_it_is():
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q = torch.randn(1, 2, 16, 8)
+    gm, want, got, records = _rewrite_fn(f, (q, q, q), attention=True)
+    assert [(r.status, r.reason) for r in records] == [
+        ("rejected", "SDPA without a mask already: its fused kernels are the fastest route")]
+    assert torch.equal(got, want)
+    _, _, _, records = _rewrite_fn(f, (q, q, q), attention=True, attention_kernel="flex")
+    assert [(r.status, r.kernel) for r in records] == [("rewritten", "flex")]

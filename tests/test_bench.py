@@ -16,11 +16,16 @@ def _bench(tmp_path, *args):
 
 
 def test_dense_smoke(tmp_path):
-    data = _bench(tmp_path, "--seqs", "48", "--variants", "eager,tilepass,tilepass@16", "--ckpt", "both")
+    data = _bench(tmp_path, "--seqs", "48", "--variants", "eager,tilepass-mlp,tilepass,tilepass+flex,tilepass@16",
+                  "--ckpt", "both")
     rows = {(r["variant"], r["ckpt"]): r for r in data["rows"]}
-    assert len(rows) == 6 and all(r["step_s"] > 0 for r in rows.values())
+    assert len(rows) == 10 and all(r["step_s"] > 0 for r in rows.values())
     assert rows[("tilepass", True)]["tiled_regions"] == 2  # inside the checkpointed layers too
     assert rows[("tilepass@16", False)]["tiles"] == [3]
+    # checkpointed layers read a dense causal mask under compile: the default routes it to SDPA's
+    # causal kernel; flex (no CPU backward) and the MLP-only variant leave it
+    assert rows[("tilepass", True)]["routed_attention"] == 2
+    assert rows[("tilepass-mlp", True)]["routed_attention"] == rows[("tilepass+flex", True)]["routed_attention"] == 0
     assert data["command"].startswith("python ")
 
 
@@ -45,10 +50,12 @@ def test_max_seq_fit_and_prediction():
     assert max_seq.predict_max(lin, budget=101.0, multiple=4096) == 499712  # 500000 rounded down
 
 
-def test_max_seq_main_validates_caps_and_retries(monkeypatch, tmp_path):
-    """max_seq.main without a GPU: bench.measure replaced by a peak model. A prediction
-    under the cap is validated (one OOM: cut by 10 % and retried); one above the cap is
-    validated at the cap and reported as a lower bound."""
+def test_max_seq_search_converges_bisects_and_stops_at_the_cap(monkeypatch, tmp_path):
+    """max_seq.main without a GPU: bench.measure replaced by a peak model, out of memory
+    above 100 GiB. A line through the probes undershoots a concave peak and overshoots
+    past a jump; the search validates, redraws the line through real runs, bisects after
+    an OOM, and ends at the longest length that ran; a flat peak ends at the cap; a step
+    predicted to overrun the time budget is not started."""
     import types
 
     sys.path.insert(0, str(ROOT / "tools"))
@@ -56,15 +63,19 @@ def test_max_seq_main_validates_caps_and_retries(monkeypatch, tmp_path):
     import max_seq
     import torch
 
-    peaks = {"steep": lambda s: 1.0 + 4e-9 * s * s, "flat": lambda s: 1.0 + 1e-5 * s}
-    seen = []
+    peaks = {
+        "concave": lambda s: 2.0 + 0.01 * s ** 0.75,  # the line through the probes undershoots
+        "jump": lambda s: 2.0 + 2e-4 * s + (40.0 if s > 300000 else 0.0),  # the line overshoots past 300K
+        "flat": lambda s: 1.0 + 1e-5 * s,
+    }
+    calls = []
 
     def fake_measure(model, variant, seq, ckpt, args):
-        seen.append((variant, seq))
+        calls.append((variant, seq))
         peak = peaks[variant](seq)
-        if variant == "steep" and seq > 150000 and len([v for v in seen if v[0] == "steep"]) == 4:
-            return dict(seq=seq, oom=True)  # the first validation runs out of memory
-        return dict(seq=seq, peak_gib=peak, step_s=1.0)
+        if peak > 100:
+            return dict(seq=seq, oom=True)
+        return dict(seq=seq, peak_gib=peak, step_s=1e-9 * seq * seq, first_s=1e-9 * seq * seq)
 
     monkeypatch.setattr(bench, "measure", fake_measure)
     monkeypatch.setattr(bench, "build_model", lambda args: None)
@@ -72,10 +83,21 @@ def test_max_seq_main_validates_caps_and_retries(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=100 * 2**30))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "fake")
     out = tmp_path / "m.json"
-    max_seq.main(["--variants", "steep,flat", "--fraction", "1.0", "--cap", "262144", "--out", str(out)])
+    max_seq.main(["--variants", "concave,jump,flat", "--fraction", "1.0", "--cap", "1048576", "--out", str(out)])
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
-    steep, flat = rows["steep"], rows["flat"]
-    assert steep["predicted"] == 155648 and [v["oom"] for v in steep["validations"]] == [True, False]
-    assert steep["max_seq"] == steep["validations"][1]["seq"] == 139264  # 0.9 x, rounded to 4096
-    assert flat["predicted"] > 262144 and flat["max_seq_at_least"] == 262144 and "max_seq" not in flat
-    assert abs(flat["validations"][0]["fitted_peak_gib"] - peaks["flat"](262144)) < 1e-9
+    for name in ("concave", "jump"):
+        r = rows[name]
+        top = r["max_seq"]
+        assert r["bound"] == "converged" and peaks[name](top) <= 100 < peaks[name](top + 4096), (name, r)
+        assert top == max(v["seq"] for v in r["validations"] if not v["oom"])
+    assert rows["concave"]["predicted"] < rows["concave"]["max_seq"]  # the search went past the first line
+    assert any(v["oom"] for v in rows["jump"]["validations"])  # ... and bisected back
+    assert rows["flat"]["bound"] == "cap" and rows["flat"]["max_seq"] == 1048576
+    assert rows["flat"]["extrapolated_max"] > 1048576
+    v = rows["flat"]["validations"][0]
+    assert abs(v["line_peak_gib"] - peaks["flat"](v["seq"])) < 1e-9
+
+    calls.clear()  # a step predicted (seq² from the last one) to overrun the time budget is not run
+    max_seq.main(["--variants", "concave", "--fraction", "1.0", "--time-budget", "10", "--out", str(out)])
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["bound"] == "time" and row["max_seq"] == 65536 and calls == [("concave", 32768), ("concave", 65536)]

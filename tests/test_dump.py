@@ -108,9 +108,9 @@ def test_cli_dump_and_explain(tmp_path):
     assert "mlp_gelu_tanh" in res.stdout and not (tmp_path / "tilepass_dump").exists()
     assert "pass attention: off (downstream='aot_eager'; flex attention is only fast under inductor" in res.stdout
     res = _run(["-m", "tilepass", "explain", "--arch", "llama", "--seq", "12", "--eval", "--option", "mlp=false",
-                "--downstream", "inductor"], cwd=tmp_path)
+                "--option", "attention_kernel=flex", "--downstream", "inductor"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "pass mlp: off (mlp=False)" in res.stdout and "rewritten  attention" in res.stdout
+    assert "pass mlp: off (mlp=False)" in res.stdout and "rewritten  attention" in res.stdout and "-> flex" in res.stdout
 
     res = _run(["-m", "tilepass", "explain", "--arch", "llama", "--option", "num_tile=3"])
     assert res.returncode == 2 and "unknown tilepass option 'num_tile'" in res.stderr

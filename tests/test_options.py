@@ -20,7 +20,7 @@ def test_defaults():
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, moe, attention, accumulate_fp32"),
+        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, moe, attention, attention_kernel, accumulate_fp32"),
         ({"num_tiles": 0}, r"'num_tiles' must be a positive int"),
         ({"num_tiles": True}, r"'num_tiles' must be a positive int"),
         ({"tile_tokens": 2.5}, r"'tile_tokens' must be a positive int"),
@@ -29,6 +29,7 @@ def test_defaults():
         ({"mlp": "yes"}, r"'mlp' must be True or False"),
         ({"accumulate_fp32": 1}, r"'accumulate_fp32' must be True or False"),
         ({"moe": None}, r"'moe' must be True or False"),
+        ({"attention_kernel": "flash"}, r"'attention_kernel' must be one of 'auto', 'flex', got 'flash'"),
     ],
 )
 def test_bad_options_raise_one_clear_error(options, match):

@@ -70,6 +70,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "intermediate_bytes": {"type": ["integer", "null"], "minimum": 0},
                     "saved_bytes": {"type": ["integer", "null"], "minimum": 0},
                     "region_key": {"type": ["string", "null"]},
+                    "kernel": {"enum": ["sdpa", "flex", None]},  # routed attention's kernel
                 },
             },
         },
@@ -177,7 +178,7 @@ def build_report(records: list, options: Any, compile_id: str, graph_index: int)
         if r.status == "rewritten":
             regions.append({k: getattr(r, k) for k in (
                 "kind", "pattern", "module", "nodes", "tiles", "tile_tokens", "tokens",
-                "intermediate_bytes", "saved_bytes", "region_key")})
+                "intermediate_bytes", "saved_bytes", "region_key", "kernel")})
         else:
             rejected.append({k: getattr(r, k) for k in ("kind", "pattern", "module", "nodes", "reason")})
     return {
@@ -229,7 +230,8 @@ def render_html(report: dict, nodes: list[dict], stages: list[tuple[str, str]]) 
         for n in r["nodes"]:
             mark[n] = ("rewritten", rid)
         if r["kind"] == "attention":
-            detail = f'routed to flex attention, BlockMask: {html.escape(r["pattern"])}'
+            detail = (f'routed to flex attention, BlockMask: {html.escape(r["pattern"])}' if r.get("kernel") == "flex"
+                      else "routed to SDPA's fused kernels (is_causal)")
         else:
             detail = (f'{r["tiles"]} tiles × ≤{r["tile_tokens"]} tokens of {r["tokens"]}; '
                       f'≈{r["saved_bytes"] / 2**20:.2f} MiB of activations not kept<br><span class="sub">{len(r["nodes"])} nodes → '

@@ -188,8 +188,11 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
         return v if isinstance(v, fx.Node) else _constant_tensor(graph, idx[2], v)
 
     for n in sorted(order, key=position.__getitem__):
-        if n.op == "call_method" and n.target in _IDENTITY_METHODS:
-            env[n] = value(n.args[0])
+        if n.op == "call_method" and (n.target in _IDENTITY_METHODS or _is_device_move(n)):
+            env[n] = value(n.args[0])  # the mask_mod's indices are on the kernel's device already
+            continue
+        if n.op == "call_method" and n.target == "new_ones" and n.kwargs.get("dtype") is torch.bool:
+            env[n] = True  # and_masks' start value: a Python True, folded away by the ``&`` below
             continue
         if n.target is operator.getitem and n.args[0] in folded:
             kind, c = folded[n.args[0]]  # a uniform constant stays a Python value, propagated below
@@ -213,6 +216,36 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
     graph.output(as_tensor(value(mask)))
     uses = frozenset(p.name for p in idx if p.users)
     return MaskProgram(fx.GraphModule(torch.nn.Module(), graph, class_name="MaskProgram"), data, uses)
+
+
+# kv_idx <= q_idx, spelled as Dynamo may record it: (op, kv side first?)
+_LE_FORMS = {"le": True, "__le__": True, "ge": False, "__ge__": False}
+
+
+def is_plain_causal(mask: MaskProgram) -> bool:
+    """Is the program exactly ``kv_idx <= q_idx``: no data, no offsets, nothing else?
+
+    Then, with as many queries as keys, it is what SDPA's ``is_causal=True`` computes (its
+    causal mask is aligned top-left), and SDPA's fused kernels can run it."""
+    if mask.data:
+        return False
+    graph = mask.program.graph
+    index = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    [out] = [n.args[0] for n in graph.nodes if n.op == "output"]
+    if len(body) != 1 or body[0] is not out or len(out.args) != 2 or out.kwargs:
+        return False
+    kv_first = _LE_FORMS.get(op_name(out))
+    if kv_first is None or out.op not in ("call_function", "call_method"):
+        return False
+    want = (index["kv_idx"], index["q_idx"]) if kv_first else (index["q_idx"], index["kv_idx"])
+    return tuple(out.args) == want
+
+
+def _is_device_move(n: fx.Node) -> bool:
+    """``x.to(device)``: a move, neither a dtype change nor a copy that matters."""
+    return n.target == "to" and len(n.args) >= 2 and all(isinstance(a, (torch.device, str)) for a in n.args[1:]) \
+        and set(n.kwargs) <= {"non_blocking"}
 
 
 def _eval_constant(n: fx.Node, args: tuple) -> bool | int | float | None:

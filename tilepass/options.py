@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Mapping
 
 DOWNSTREAMS = ("inductor", "aot_eager", "eager")
+ATTENTION_KERNELS = ("auto", "flex")
 
 
 class OptionsError(ValueError):
@@ -34,6 +35,10 @@ class Options:
     #: ``None`` (default): on when ``downstream`` is inductor (flex is only fast compiled),
     #: off otherwise. ``True`` with another downstream is an error.
     attention: bool | None = None
+    #: Where routed attention runs. "auto" (default): a plain causal mask (or none) goes to
+    #: SDPA's fused kernels (``is_causal=True``: flash/cuDNN on GPU, the fastest there are
+    #: for it) and every other mask to flex attention; "flex": every routed site to flex.
+    attention_kernel: str = "auto"
     #: Sum weight gradients over tiles in float32 for low-precision parameters. Costs one
     #: float32 buffer per weight of the region (2x a bf16 weight) during its backward.
     accumulate_fp32: bool = False
@@ -71,6 +76,9 @@ class Options:
             raise OptionsError(
                 f"tilepass option 'downstream' must be one of {', '.join(map(repr, DOWNSTREAMS))}, got {self.downstream!r}"
             )
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise OptionsError(f"tilepass option 'attention_kernel' must be one of "
+                               f"{', '.join(map(repr, ATTENTION_KERNELS))}, got {self.attention_kernel!r}")
         for name in ("mlp", "moe", "attention", "accumulate_fp32"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "attention" and value is None):

@@ -13,9 +13,10 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from . import attention_runtime, flex_versions, runtime
-from .match_attention import find_attention
+from .match_attention import AttentionSite, find_attention, is_plain_causal
 from .fx_utils import autocast_state, hint, remove_dead_nodes, tensor_value
 from .hop_inputs import BodyInputs
 from .match_mlp import find_mlps
@@ -124,7 +125,8 @@ def tile_moes(gm: fx.GraphModule, ctx: PassContext) -> int:
 
 
 def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
-    """Replace provably equivalent SDPA calls with flex attention over a BlockMask."""
+    """Replace provably equivalent attention (SDPA with a dense mask, or the eager softmax
+    form) with SDPA's fused causal kernels or flex attention over a BlockMask."""
     inputs = BodyInputs(ctx.root) if ctx.root is not None and ctx.root is not gm else None
     sites, rejections = find_attention(gm.graph, inputs.source if inputs else None)
     inputs_before = [n for n in gm.graph.nodes if n.op == "placeholder" and n.users]
@@ -136,29 +138,35 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     for s in sites:
         qv = tensor_value(s.q)
         training = torch.is_grad_enabled() and any(tensor_value(t).requires_grad for t in (s.q, s.k, s.v))
-        reason = _not_routable_here(s, qv.device.type, training, in_checkpoint)
+        kernel = attention_kernel(s, ctx.options.attention_kernel)
+        reason = _not_routable_here(s, kernel, qv.device.type, training, in_checkpoint)
         if reason:
             ctx.records.append(Record("rejected", "attention", s.module, s.pattern, ctx.graph_index,
                                       nodes=[s.node.name], reason=reason))
             continue
         key = None
-        if s.mask is not None:
-            key = program_key("mask", s.mask.program, None)
-            attention_runtime.register_mask(key, s.mask.program)
-            ctx.programs[key] = s.mask.program.code
-        # mask data built outside a checkpointed layer is passed into it
-        data = [d if d.graph is gm.graph else inputs.thread(gm.graph, d) for d in (s.mask.data if s.mask else [])]
         with gm.graph.inserting_before(s.node):
-            new = gm.graph.call_function(attention_runtime.flex_sdpa, (s.q, s.k, s.v, data), dict(
-                mask_key=key, causal=s.causal, scale=s.scale, enable_gqa=s.enable_gqa,
-                per_batch=bool(s.mask and "b" in s.mask.uses), per_head=bool(s.mask and "h" in s.mask.uses),
-                softcap=s.softcap, sinks=s.sinks))
+            if kernel == "sdpa":
+                new = gm.graph.call_function(F.scaled_dot_product_attention, (s.q, s.k, s.v), dict(
+                    is_causal=s.mask is not None or s.causal, scale=s.scale,
+                    **({"enable_gqa": True} if s.enable_gqa else {})))
+            else:
+                if s.mask is not None:
+                    key = program_key("mask", s.mask.program, None)
+                    attention_runtime.register_mask(key, s.mask.program)
+                    ctx.programs[key] = s.mask.program.code
+                # mask data built outside a checkpointed layer is passed into it
+                data = [d if d.graph is gm.graph else inputs.thread(gm.graph, d) for d in (s.mask.data if s.mask else [])]
+                new = gm.graph.call_function(attention_runtime.flex_sdpa, (s.q, s.k, s.v, data), dict(
+                    mask_key=key, causal=s.causal, scale=s.scale, enable_gqa=s.enable_gqa,
+                    per_batch=bool(s.mask and "b" in s.mask.uses), per_head=bool(s.mask and "h" in s.mask.uses),
+                    softcap=s.softcap, sinks=s.sinks))
+                ctx.inductor_patches.update(flex_versions.inductor_patches(training, qv.device.type))
         new.meta.update({k: v for k, v in s.node.meta.items() if k in ("example_value", "nn_module_stack", "stack_trace")})
         s.node.replace_all_uses_with(new)
         gm.graph.erase_node(s.node)  # an eager form's scores and weights go with the dead-code pass
-        ctx.inductor_patches.update(flex_versions.inductor_patches(training, qv.device.type))
         ctx.records.append(Record("rewritten", "attention", s.module, s.pattern, ctx.graph_index,
-                                  nodes=[s.node.name], region_key=key, tokens=int(qv.shape[2])))
+                                  nodes=[s.node.name], region_key=key, tokens=int(hint(qv.shape[2])), kernel=kernel))
         routed += 1
     _cleanup(gm, routed)
     if routed and inputs is not None:
@@ -166,11 +174,37 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     return routed
 
 
-def _not_routable_here(site, device_type: str, training: bool, in_checkpoint: bool) -> str | None:
-    """Why a provably equivalent site still cannot be routed on this device (None: it can)."""
+def attention_kernel(site: AttentionSite, choice: str) -> str | None:
+    """Where a provably equivalent site runs: "sdpa" (SDPA's fused kernels, with
+    ``is_causal`` or no mask), "flex", or None: it is an SDPA call without a mask already.
+
+    Flash/cuDNN attention is faster than flex attention for the masks it has a flag for,
+    so with ``choice="auto"`` only masks beyond those (padding, windows, documents,
+    softcap, sinks) pay for flex; "flex" sends every site there."""
+    if choice == "flex" or site.softcap is not None or site.sinks is not None:
+        return "flex"
+    if site.mask is None:
+        return "sdpa" if site.replaced else None  # the eager form is worth fusing even unmasked
+    q_len, kv_len = tensor_value(site.q).shape[2], tensor_value(site.k).shape[2]
+    return "sdpa" if is_plain_causal(site.mask) and _same_length(q_len, kv_len) else "flex"
+
+
+def _same_length(a, b) -> bool:
+    """Provably equal lengths, static or symbolic (the same symbol), without a guard."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
+
+
+def _not_routable_here(site, kernel: str | None, device_type: str, training: bool, in_checkpoint: bool) -> str | None:
+    """Why a provably equivalent site still is not routed on this device (None: it is)."""
+    if kernel is None:
+        return "SDPA without a mask already: its fused kernels are the fastest route"
+    if kernel == "sdpa":
+        return None  # SDPA's fused kernels: every device, training, any length
     q_len, kv_len = tensor_value(site.q).shape[2], tensor_value(site.k).shape[2]
     if not (isinstance(q_len, int) and isinstance(kv_len, int)) and not flex_versions.symbolic_lengths_supported():
-        return ("dynamic sequence length: routing it is not supported yet (inductor fails on it); "
+        return ("dynamic sequence length: routing it to flex attention is not supported yet (inductor fails on it); "
                 "torch.compile(..., dynamic=False) routes each length")
     if training and not flex_versions.flex_backward_supported(device_type):
         return (f"flex attention cannot run a backward on {device_type} with this torch; "

@@ -16,9 +16,10 @@ loss on the final hidden states. ``--ckpt on`` enables layer activation checkpoi
 
 Variants: ``eager``; ``compile`` (torch.compile, inductor); ``liger`` (eager, every MLP
 replaced by Liger-Kernel's ``LigerTiledSwiGLUMLP``, the DeepSpeed/ALST TiledMLP
-algorithm; dense only); ``tilepass`` (default options: MLP/MoE tiling), ``tilepass+flex``
-(also attention routed to flex attention) and ``tilepass@N`` / ``tilepass+flex@N`` (N tokens
-per tile).
+algorithm; dense only); ``tilepass-mlp`` (MLP/MoE tiling alone, attention as transformers
+writes it); ``tilepass`` (the defaults: tiling, and attention routed: a plain causal mask to
+SDPA's fused kernels, others to flex); ``tilepass+flex`` (every attention site to flex
+attention); any tilepass variant with ``@N``: N tokens per tile.
 """
 from __future__ import annotations
 
@@ -31,7 +32,13 @@ import time
 
 import torch
 
-VARIANTS = ("eager", "compile", "liger", "tilepass", "tilepass+flex")
+# tilepass variants: the options each one passes (the rest are the defaults)
+TILEPASS_VARIANTS = {
+    "tilepass-mlp": dict(attention=False),  # MLP/MoE tiling alone; attention left as transformers writes it
+    "tilepass": {},  # the defaults: tiling, and attention routed (plain causal to SDPA's fused kernels)
+    "tilepass+flex": dict(attention_kernel="flex"),  # every routed attention site to flex attention
+}
+VARIANTS = ("eager", "compile", "liger", *TILEPASS_VARIANTS)
 
 
 def build_model(args):
@@ -79,13 +86,14 @@ def make_step(model, variant, args):
         fn = torch.compile(model)
     elif variant == "liger":
         model = fn = with_liger_mlps(model)
-    elif variant.split("@")[0] in ("tilepass", "tilepass+flex"):
-        opts = {"attention": variant.startswith("tilepass+flex")}
+    elif variant.split("@")[0] in TILEPASS_VARIANTS:
+        opts = dict(TILEPASS_VARIANTS[variant.split("@")[0]])
         if "@" in variant:
             opts["tile_tokens"] = int(variant.split("@")[1])
         fn = torch.compile(model, backend="tilepass", options=opts)
     else:
-        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}, tilepass@N, tilepass+flex@N")
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}, or a tilepass one with @N "
+                         "(N tokens per tile)")
 
     def step(ids):
         hidden = fn(input_ids=ids).last_hidden_state
@@ -180,18 +188,22 @@ def main(argv=None):
                 row = measure(model, variant, seq, ckpt, args)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            import transformers
-
-            json.dump(dict(torch=torch.__version__, transformers=transformers.__version__, device=_device_name(args.device),
-                           command="python " + " ".join(sys.argv), rows=rows), f, indent=1)
+                if args.out:  # after every row: a run cut off by a time limit keeps what it measured
+                    _write(args, rows)
     print(f"\n{'variant':<16}{'ckpt':<6}{'seq':>7}{'peak GiB':>10}{'step s':>9}{'first s':>9}", file=sys.stderr)
     for r in rows:
         peak = "oom" if r.get("oom") else (f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-")
         print(f"{r['variant']:<16}{str(r['ckpt']):<6}{r['seq']:>7}{peak:>10}{r.get('step_s', float('nan')):>9.3f}"
               f"{r.get('first_s', float('nan')):>9.1f}", file=sys.stderr)
     return rows
+
+
+def _write(args, rows):
+    import transformers
+
+    with open(args.out, "w") as f:
+        json.dump(dict(torch=torch.__version__, transformers=transformers.__version__, device=_device_name(args.device),
+                       command="python " + " ".join(sys.argv), rows=rows), f, indent=1)
 
 
 def _device_name(device):

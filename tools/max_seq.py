@@ -1,17 +1,21 @@
-"""Longest sequence that fits on one GPU, per variant: fit peak memory, then prove it.
+"""Longest sequence that fits on one GPU, per variant: probe, extrapolate, then prove it.
 
-    python tools/max_seq.py --layers 16 --variants eager,liger,tilepass --probe 16384 32768 65536 \
-        --out docs/results/max_seq_h200.json
+    python tools/max_seq.py --layers 16 --variants eager,liger,tilepass --probe 32768 65536 \
+        --cap 393216 --time-budget 540 --out docs/results/max_seq_h200.json
 
 For each variant, one training step (bench.py's step, layer checkpointing) at each
-``--probe`` length gives the peak memory; a least-squares fit (quadratic when three or more
-probes, linear with two) predicts the longest length whose peak stays under ``--fraction``
-of the GPU's memory, rounded down to ``--multiple``; one real step at that length validates
-it (and on OOM the prediction is cut by 10 % and tried once more). Predictions above
-``--cap`` are validated at the cap and reported as a lower bound, so that one device call
-stays within its time; the validation row holds the fitted peak beside the measured one,
-which checks the extrapolation far beyond the probes. A validation is a single step (its
-time includes any compilation).
+``--probe`` length gives the peak memory. With flash, cuDNN or flex attention nothing is
+O(seq²), so the peak is linear in the length: the line through the two longest runs
+predicts the longest length (a multiple of ``--multiple``) under ``--fraction`` of the
+GPU's memory. One real step there validates it; the line is then redrawn through the two
+longest runs that fit and the search repeats (an out-of-memory step bisects instead),
+until the next multiple would not fit, the ``--cap`` is reached, or the next step would
+not finish within ``--time-budget`` (attention time grows with seq²: a 16-layer step at
+300K tokens takes over a minute on an H200).
+
+Each row reports ``max_seq`` (the longest length a real step ran at), ``bound``
+("converged": the next multiple is predicted not to fit, or ran out of memory; "cap";
+"time"), and ``extrapolated_max``, the line's prediction from the two longest real runs.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import json
 import math
 import pathlib
 import sys
+import time
+from typing import Callable
 
 import torch
 
@@ -64,49 +70,94 @@ def predict_max(coeffs: list[float], budget: float, multiple: int) -> int:
     return max(multiple, int(s // multiple) * multiple)
 
 
+def _line_max(points: list[tuple[int, float]], budget: float, multiple: int) -> int:
+    """predict_max of the line through the two longest (seq, peak) points."""
+    (s0, p0), (s1, p1) = sorted(points)[-2:]
+    return predict_max(fit_peak([s0, s1], [p0, p1]), budget, multiple)
+
+
+def search_max(points: list[tuple[int, float]], step: Callable[[int], dict], budget: float, multiple: int,
+               cap: int, seconds_left: Callable[[], float], last_time: tuple[int, float] | None = None) -> dict:
+    """Search the longest length that fits, from probe ``points`` [(seq, peak GiB)].
+
+    ``step(seq)`` runs one training step: {"peak_gib", "step_s"} or {"oom": True}.
+    ``last_time`` (seq, seconds) of a step, to predict the next one's time (as seq²)."""
+    points = sorted(points)
+    fits, too_long = points[-1][0], None
+    guess = predicted = _line_max(points, budget, multiple)
+    row: dict = dict(predicted=predicted, validations=[], bound="converged")
+    while True:
+        seq = min(guess, cap, too_long - multiple if too_long else guess)
+        if seq <= fits:
+            break  # the next multiple does not fit (predicted, or ran out of memory)
+        if last_time is not None and last_time[1] * (seq / last_time[0]) ** 2 > seconds_left():
+            row["bound"] = "time"
+            break
+        result = step(seq)
+        fitted = _line_fit_at(points, seq)
+        row["validations"].append(dict(seq=seq, oom=bool(result.get("oom")), peak_gib=result.get("peak_gib"),
+                                       line_peak_gib=fitted, step_s=result.get("step_s")))
+        if result.get("oom"):
+            too_long = seq
+            guess = (fits + seq) // 2 // multiple * multiple  # bisect between what fits and what did not
+            continue
+        fits, last_time = seq, (seq, result["step_s"])
+        points.append((seq, result["peak_gib"]))
+        if seq == cap:
+            row["bound"] = "cap"
+            break
+        guess = _line_max(points, budget, multiple)
+    row["max_seq"] = fits  # the longest length a real step ran at (a probe, if nothing longer fit)
+    row["extrapolated_max"] = _line_max(points, budget, multiple)
+    return row
+
+
+def _line_fit_at(points: list[tuple[int, float]], seq: int) -> float:
+    (s0, p0), (s1, p1) = sorted(points)[-2:]
+    return p1 + (p1 - p0) / (s1 - s0) * (seq - s1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["dense", "moe"], default="dense")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--variants", default="eager,liger,tilepass")
-    p.add_argument("--probe", type=int, nargs="+", default=[16384, 32768, 65536])
+    p.add_argument("--probe", type=int, nargs="+", default=[32768, 65536])
     p.add_argument("--fraction", type=float, default=0.95, help="of the GPU's total memory")
     p.add_argument("--multiple", type=int, default=4096)
-    p.add_argument("--cap", type=int, default=262144,
-                   help="longest length to validate: a step there must fit the device call (attention is quadratic "
-                        "in time); a prediction above it is reported as max_seq_at_least=cap")
+    p.add_argument("--cap", type=int, default=524288, help="longest length to run a step at")
+    p.add_argument("--time-budget", type=float, default=math.inf,
+                   help="seconds for the whole run: a step predicted to end past it is not started")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("max_seq.py measures GPU memory: it needs CUDA")
+    start = time.perf_counter()
     budget = torch.cuda.get_device_properties(0).total_memory / 2**30 * args.fraction
     bargs = argparse.Namespace(model=args.model, layers=args.layers, seqs=[2**21], steps=1, dtype=args.dtype,
                                device="cuda", tiny=False)
     model = bench.build_model(bargs)
+
+    def one_step(variant):
+        def step(seq):
+            bargs.seqs, bargs.steps = [seq], 0  # one step: at these lengths attention takes minutes
+            r = bench.measure(model, variant, seq, True, bargs)
+            return dict(oom=True) if r.get("oom") else dict(peak_gib=r["peak_gib"], step_s=r["first_s"])
+        return step
+
     results = []
     for variant in args.variants.split(","):
+        bargs.steps = 1
         probes = [bench.measure(model, variant, s, True, bargs) for s in args.probe]
-        ok = [r for r in probes if not r.get("oom")]
-        row = dict(variant=variant, probes=[(r["seq"], r.get("peak_gib")) for r in probes], budget_gib=budget)
+        ok = [(r["seq"], r["peak_gib"]) for r in probes if not r.get("oom")]
+        row = dict(variant=variant, layers=args.layers, budget_gib=budget,
+                   probes=[(r["seq"], r.get("peak_gib"), r.get("step_s")) for r in probes])
         if len(ok) >= 2:
-            coeffs = fit_peak([r["seq"] for r in ok], [r["peak_gib"] for r in ok])
-            guess = predict_max(coeffs, budget, args.multiple)
-            row["predicted"] = guess
-            capped = guess > args.cap
-            guess = min(guess, args.cap)
-            for attempt in range(2):
-                bargs.seqs, bargs.steps = [guess], 0  # one step: at these lengths attention takes minutes
-                check = bench.measure(model, variant, guess, True, bargs)
-                bargs.steps = 1
-                fitted = sum(c * guess ** (len(coeffs) - 1 - i) for i, c in enumerate(coeffs))
-                row.setdefault("validations", []).append(dict(
-                    seq=guess, oom=bool(check.get("oom")), peak_gib=check.get("peak_gib"), fitted_peak_gib=fitted,
-                    step_s=check.get("first_s")))
-                if not check.get("oom"):
-                    row["max_seq_at_least" if capped else "max_seq"] = guess
-                    break
-                guess = int(guess * 0.9) // args.multiple * args.multiple
+            longest = max((r for r in probes if not r.get("oom")), key=lambda r: r["seq"])
+            row.update(search_max(ok, one_step(variant), budget, args.multiple, args.cap,
+                                  lambda: args.time_budget - (time.perf_counter() - start),
+                                  (longest["seq"], longest["step_s"])))
         results.append(row)
         print(json.dumps(row), flush=True)
         if args.out:  # after every variant: a call cut off by its time limit keeps what it measured
@@ -116,8 +167,8 @@ def main(argv=None):
                 torch=torch.__version__, transformers=transformers.__version__, device=torch.cuda.get_device_name(),
                 command="python " + " ".join(sys.argv), rows=results), indent=1))
     for r in results:
-        found = r.get("max_seq") or (f">= {r['max_seq_at_least']} (predicted {r['predicted']})" if "max_seq_at_least" in r else "n/a")
-        print(f"{r['variant']:<14} max seq {found}", file=sys.stderr)
+        print(f"{r['variant']:<14} max seq {r.get('max_seq')} ({r.get('bound')}; extrapolated {r.get('extrapolated_max')})",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
