@@ -740,3 +740,31 @@ def test_sdpa_without_a_mask_is_left_as_it_is():
     assert torch.equal(got, want)
     _, _, _, records = _rewrite_fn(f, (q, q, q), attention=True, attention_kernel="flex")
     assert [(r.status, r.kernel) for r in records] == [("rewritten", "flex")]
+
+
+@pytest.mark.parametrize("and_op", ["operator", "dunder_function", "dunder_method"])
+@pytest.mark.parametrize("move", ["positional", "keyword"])
+def test_and_masks_start_value_and_device_move_fold_to_plain_causal(and_op, move):
+    """transformers' and_masks: ``new_ones((), dtype=bool) & causal(...).to(device)``, in each
+    spelling Dynamo records (torch 2.11 on CUDA records operators as Tensor dunders):
+    the start value and the move fold away, leaving ``kv_idx <= q_idx``."""
+    from tilepass.match_attention import is_plain_causal, lift_mask
+
+    g = fx.Graph()
+    ar = g.call_function(torch.arange, (8,))
+    qi = g.call_function(operator.getitem, (ar, (None, None, slice(None), None)))
+    ki = g.call_function(operator.getitem, (ar, (None, None, None, slice(None))))
+    ones = g.call_method("new_ones", (qi, ()), {"dtype": torch.bool})
+    le = g.call_function(operator.le, (ki, qi))
+    moved = (g.call_method("to", (le, torch.device("cpu"))) if move == "positional"
+             else g.call_method("to", (le,), {"device": torch.device("cpu")}))
+    mask = {"operator": lambda: g.call_function(operator.and_, (ones, moved)),
+            "dunder_function": lambda: g.call_function(torch.Tensor.__and__, (ones, moved)),
+            "dunder_method": lambda: g.call_method("__and__", (ones, moved))}[and_op]()
+    mask.meta["example_value"] = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    g.output(mask)
+    lifted = lift_mask(mask)
+    assert is_plain_causal(lifted), lifted.program.code
+    i = torch.arange(8)
+    got = lifted.program(None, None, i.view(1, 1, 8, 1), i.view(1, 1, 1, 8))
+    assert torch.equal(got.expand(1, 1, 8, 8)[0, 0], torch.ones(8, 8, dtype=torch.bool).tril())

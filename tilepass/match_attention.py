@@ -207,7 +207,7 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
             if c is not None:
                 env[n] = c
                 continue
-        if n.op == "call_function" and n.target in (operator.and_, torch.logical_and) and True in args:
+        if _is_and(n) and len(args) == 2 and any(a is True for a in args):
             env[n] = as_tensor(args[1] if args[0] is True else args[0])  # x & True is x
             continue
         if (constant or n.op == "call_method") and not isinstance(args[0], fx.Node):
@@ -243,9 +243,21 @@ def is_plain_causal(mask: MaskProgram) -> bool:
 
 
 def _is_device_move(n: fx.Node) -> bool:
-    """``x.to(device)``: a move, neither a dtype change nor a copy that matters."""
-    return n.target == "to" and len(n.args) >= 2 and all(isinstance(a, (torch.device, str)) for a in n.args[1:]) \
-        and set(n.kwargs) <= {"non_blocking"}
+    """``x.to(device)`` or ``x.to(device=...)``: a move, neither a dtype change nor a copy that matters."""
+    if n.target != "to":
+        return False
+    kwargs = dict(n.kwargs)
+    devices = [*n.args[1:], *([kwargs.pop("device")] if "device" in kwargs else [])]
+    return bool(devices) and all(isinstance(a, (torch.device, str)) for a in devices) and set(kwargs) <= {"non_blocking"}
+
+
+_AND_FUNCTIONS = {operator.and_, torch.logical_and, torch.Tensor.__and__, torch.Tensor.logical_and}
+
+
+def _is_and(n: fx.Node) -> bool:
+    """``a & b`` in each spelling Dynamo records (torch 2.11 on CUDA: Tensor dunders)."""
+    return (n.op == "call_function" and n.target in _AND_FUNCTIONS) or (
+        n.op == "call_method" and n.target in ("__and__", "logical_and"))
 
 
 def _eval_constant(n: fx.Node, args: tuple) -> bool | int | float | None:

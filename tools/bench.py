@@ -154,6 +154,7 @@ def measure(model, variant, seq, ckpt, args):
             row["tiled_regions"] = len(tiled)
             row["tiles"] = sorted({r.tiles for r in tiled})
             row["routed_attention"] = len(done) - len(tiled)
+            row["attention_kernels"] = sorted({r.kernel for r in done if r.kind == "attention"})
             row["rejected"] = sorted({r.reason for r in tilepass.report() if r.status == "rejected"})
     except torch.OutOfMemoryError:
         row["oom"] = True

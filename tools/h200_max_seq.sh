@@ -8,11 +8,12 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
+timeout 90 python3 tools/diag_mask_program.py 2>&1 | grep -v -i warn | head -${DIAG_LINES:-12}
 if [ "${TESTS_S:-0}" -gt 0 ]; then
   timeout "$TESTS_S" python3 -m pytest -q -rs tests/test_attention.py -k "cuda ${TESTS_K:-}" -p no:logging > "$OUT/pytest_attention.log" 2>&1
   echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest_attention.log" | head -20
 fi
-START=$SECONDS
-timeout ${HARD_S:-575} python3 tools/max_seq.py --layers 16 --variants ${VARIANTS:-eager,liger,tilepass} --probe ${PROBES:-32768 65536} \
-  --cap ${CAP:-393216} --time-budget $(( ${LIMIT:-540} - (SECONDS - START) )) --out "$OUT/${NAME:-max_seq_h200}.json" \
+LIMIT=${LIMIT:-540}  # seconds for this whole script
+timeout $(( LIMIT + 30 - SECONDS )) python3 tools/max_seq.py --layers 16 --variants ${VARIANTS:-eager,liger,tilepass} \
+  --probe ${PROBES:-32768 65536} --cap ${CAP:-393216} --time-budget $(( LIMIT - SECONDS )) --out "$OUT/${NAME:-max_seq_h200}.json" \
   2>&1 | grep -v -i warn | tail -8

@@ -77,11 +77,13 @@ def _line_max(points: list[tuple[int, float]], budget: float, multiple: int) -> 
 
 
 def search_max(points: list[tuple[int, float]], step: Callable[[int], dict], budget: float, multiple: int,
-               cap: int, seconds_left: Callable[[], float], last_time: tuple[int, float] | None = None) -> dict:
+               cap: int, seconds_left: Callable[[], float], last_time: tuple[int, float] | None = None,
+               overhead_s: float = 0.0) -> dict:
     """Search the longest length that fits, from probe ``points`` [(seq, peak GiB)].
 
     ``step(seq)`` runs one training step: {"peak_gib", "step_s"} or {"oom": True}.
-    ``last_time`` (seq, seconds) of a step, to predict the next one's time (as seq²)."""
+    ``last_time`` (seq, seconds) of a step, to predict the next one's time (as seq²), plus
+    ``overhead_s`` per step (compilation: every length compiles afresh)."""
     points = sorted(points)
     fits, too_long = points[-1][0], None
     guess = predicted = _line_max(points, budget, multiple)
@@ -90,7 +92,7 @@ def search_max(points: list[tuple[int, float]], step: Callable[[int], dict], bud
         seq = min(guess, cap, too_long - multiple if too_long else guess)
         if seq <= fits:
             break  # the next multiple does not fit (predicted, or ran out of memory)
-        if last_time is not None and last_time[1] * (seq / last_time[0]) ** 2 > seconds_left():
+        if last_time is not None and overhead_s + last_time[1] * (seq / last_time[0]) ** 2 > seconds_left():
             row["bound"] = "time"
             break
         result = step(seq)
@@ -101,7 +103,7 @@ def search_max(points: list[tuple[int, float]], step: Callable[[int], dict], bud
             too_long = seq
             guess = (fits + seq) // 2 // multiple * multiple  # bisect between what fits and what did not
             continue
-        fits, last_time = seq, (seq, result["step_s"])
+        fits, last_time = seq, (seq, max(result["step_s"] - overhead_s, 1e-9))
         points.append((seq, result["peak_gib"]))
         if seq == cap:
             row["bound"] = "cap"
@@ -152,12 +154,14 @@ def main(argv=None):
         probes = [bench.measure(model, variant, s, True, bargs) for s in args.probe]
         ok = [(r["seq"], r["peak_gib"]) for r in probes if not r.get("oom")]
         row = dict(variant=variant, layers=args.layers, budget_gib=budget,
-                   probes=[(r["seq"], r.get("peak_gib"), r.get("step_s")) for r in probes])
+                   probes=[(r["seq"], r.get("peak_gib"), r.get("step_s")) for r in probes],
+                   attention_kernels=probes[-1].get("attention_kernels"))
         if len(ok) >= 2:
             longest = max((r for r in probes if not r.get("oom")), key=lambda r: r["seq"])
             row.update(search_max(ok, one_step(variant), budget, args.multiple, args.cap,
                                   lambda: args.time_budget - (time.perf_counter() - start),
-                                  (longest["seq"], longest["step_s"])))
+                                  (longest["seq"], longest["step_s"]),
+                                  overhead_s=max(0.0, longest["first_s"] - longest["step_s"])))
         results.append(row)
         print(json.dumps(row), flush=True)
         if args.out:  # after every variant: a call cut off by its time limit keeps what it measured
