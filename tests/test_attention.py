@@ -540,12 +540,13 @@ def test_routed_graphs_compile_once_per_mode():
     assert len(rewritten("attention")) == 4  # two sites, in each mode's graph
 
 
-@pytest.mark.parametrize("eq", [operator.eq, torch.eq])
+@pytest.mark.parametrize("eq", [operator.eq, torch.eq, torch.Tensor.__eq__, "__eq__"])
 def test_folded_constants_propagate_through_the_mask_program(eq):
     """Uniform document ids (no packing) fold to Python constants; ``doc[q] == doc[kv]``
     then evaluates to True and ``causal & True`` to ``causal``: the program reads neither
-    data nor extra arithmetic. Spelled as ``torch.eq`` it stays a tensor op on a folded value."""
-    from tilepass.match_attention import lift_mask
+    data nor extra arithmetic, in every spelling of ``==`` (torch 2.11 on CUDA records the
+    method ``__eq__``; before this folded, its program kept ``(q * 0 + 0).__eq__(0)``)."""
+    from tilepass.match_attention import is_plain_causal, lift_mask
 
     g = fx.Graph()
     ar = g.call_function(torch.arange, (8,))
@@ -554,8 +555,9 @@ def test_folded_constants_propagate_through_the_mask_program(eq):
     bi = g.call_function(operator.getitem, (g.call_function(torch.arange, (2,)), (slice(None), None, None, None)))
     doc = g.call_function(torch.zeros, ((2, 8),), {"dtype": torch.long})
     doc.meta["example_value"] = torch.zeros(2, 8, dtype=torch.long)
-    same = g.call_method("to", (g.call_function(eq, (g.call_function(operator.getitem, (doc, (bi, qi))),
-                                                    g.call_function(operator.getitem, (doc, (bi, ki))))), torch.bool))
+    gathers = (g.call_function(operator.getitem, (doc, (bi, qi))), g.call_function(operator.getitem, (doc, (bi, ki))))
+    same = g.call_method("to", (g.call_method(eq, gathers) if isinstance(eq, str) else g.call_function(eq, gathers),
+                                torch.bool))
     mask = g.call_function(operator.and_, (g.call_function(operator.le, (ki, qi)), same))
     mask.meta["example_value"] = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
     g.output(mask)
@@ -565,8 +567,8 @@ def test_folded_constants_propagate_through_the_mask_program(eq):
     got = lifted.program(torch.arange(2).view(2, 1, 1, 1), torch.zeros(1, 1, 1, 1, dtype=torch.long),
                          i.view(1, 1, 8, 1), i.view(1, 1, 1, 8))
     assert torch.equal(got.expand(2, 1, 8, 8), torch.ones(8, 8, dtype=torch.bool).tril().expand(2, 1, 8, 8))
-    if eq is operator.eq:
-        assert [n.target for n in lifted.program.graph.nodes if n.op == "call_function"] == [operator.le]
+    assert [n.target for n in lifted.program.graph.nodes if n.op in ("call_function", "call_method")] == [operator.le]
+    assert is_plain_causal(lifted)
 
 
 @pytest.mark.parametrize("dynamic", [None, False])

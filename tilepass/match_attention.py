@@ -260,18 +260,33 @@ def _is_and(n: fx.Node) -> bool:
         n.op == "call_method" and n.target in ("__and__", "logical_and"))
 
 
+# Binary ops folded on Python constants, by the name Dynamo records them under: operator
+# functions, Tensor methods and Tensor dunders (``__eq__`` on torch 2.11 CUDA) alike.
+_COMPARE = {"eq": operator.eq, "ne": operator.ne, "le": operator.le, "lt": operator.lt, "ge": operator.ge,
+            "gt": operator.gt, "and": operator.and_, "or": operator.or_, "xor": operator.xor}
+_ARITHMETIC = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "floordiv": operator.floordiv,
+               "mod": operator.mod}
+
+
 def _eval_constant(n: fx.Node, args: tuple) -> bool | int | float | None:
     """``n`` evaluated on Python constants (``0 == 0``, ``True.to(device)``), or None."""
-    if n.op == "call_method":
+    if n.op == "call_method" and n.target == "to":
         v = args[0]
-        if n.target == "to":
-            dtype = next((a for a in args[1:] if isinstance(a, torch.dtype)), None)
-            return v if dtype is None else (bool(v) if dtype == torch.bool else v if dtype.is_floating_point else int(v))
-        return {"bool": bool, "int": int, "long": int}.get(n.target, lambda _: None)(v)
-    if n.op == "call_function" and getattr(n.target, "__module__", None) == "_operator":
-        out = n.target(*args)
-        return out if isinstance(out, (bool, int, float)) else None
-    return None
+        dtype = next((a for a in args[1:] if isinstance(a, torch.dtype)), n.kwargs.get("dtype"))
+        return v if dtype is None else (bool(v) if dtype == torch.bool else v if dtype.is_floating_point else int(v))
+    if n.op == "call_method" and n.target in ("bool", "int", "long"):
+        return {"bool": bool, "int": int, "long": int}[n.target](args[0])
+    if n.op not in ("call_method", "call_function") or len(args) != 2 or n.kwargs:
+        return None
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    name = name.strip("_")
+    if name in _COMPARE:
+        out = _COMPARE[name](*args)
+    elif name in _ARITHMETIC and not any(isinstance(a, bool) for a in args):  # True + True: 2 in Python, True in torch
+        out = _ARITHMETIC[name](*args)
+    else:
+        return None
+    return out if isinstance(out, (bool, int, float)) else None
 
 
 def _resolved(n: fx.Node, resolve: Resolve | None) -> fx.Node:
