@@ -770,3 +770,24 @@ def test_and_masks_start_value_and_device_move_fold_to_plain_causal(and_op, move
     i = torch.arange(8)
     got = lifted.program(None, None, i.view(1, 1, 8, 1), i.view(1, 1, 1, 8))
     assert torch.equal(got.expand(1, 1, 8, 8)[0, 0], torch.ones(8, 8, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("eager_form", [False, True])
+def test_plain_causal_routes_under_dynamic_lengths(eager_form):
+    """With a symbolic length, flex is not routed, but a mask that is literally causal over
+    one symbol for queries and keys still goes to SDPA's causal kernel (float64, exact).
+    (transformers' own masks under dynamic shapes read position data, which only folds to a
+    constant with static shapes: those stay, with the flex reason; see
+    test_varying_sequence_lengths.)"""
+    torch.manual_seed(0)
+    attn = _causal_attention(eager_form)().double()
+    fn = torch.compile(attn, backend="tilepass", dynamic=True)
+    for seq in (40, 57):
+        x = torch.randn(2, seq, 32, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(2, seq, 32, dtype=torch.float64)
+        want = torch.autograd.grad((attn(x) * w).sum(), [x, *attn.parameters()])
+        got = torch.autograd.grad((fn(x) * w).sum(), [x, *attn.parameters()])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    records = [r for r in tilepass.report() if r.kind == "attention"]
+    assert [(r.status, r.kernel) for r in records] == [("rewritten", "sdpa")]  # one graph, symbolic length

@@ -1,6 +1,11 @@
-"""Plot a tools/bench.py result file: peak memory and step time per variant vs sequence length.
+"""Plot a tools/bench.py or tools/max_seq.py result file.
 
     python tools/plot_bench.py docs/results/bench_dense_h200.json docs/bench_dense_h200.png
+    python tools/plot_bench.py docs/results/max_seq_a.json docs/results/max_seq_b.json docs/max_seq_h200.png
+
+bench.py rows: peak memory and step time per variant against the sequence length.
+max_seq.py rows (several files may be given, the last argument is the image): per variant,
+the longest length a real step ran at, and the line's extrapolation from the two longest runs.
 """
 import json
 import sys
@@ -11,8 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def main(src: str, dst: str) -> None:
-    data = json.load(open(src))
+def plot_bench(data: dict, dst: str) -> None:
     rows = [r for r in data["rows"] if not r.get("oom")]
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
     for variant in dict.fromkeys(r["variant"] for r in rows):
@@ -32,5 +36,38 @@ def main(src: str, dst: str) -> None:
     fig.savefig(dst, dpi=110)
 
 
+def plot_max_seq(files: list[dict], dst: str) -> None:
+    rows = [r for data in files for r in data["rows"]]
+    names = [r["variant"] + (f" ({'/'.join(r['attention_kernels'])} attention)" if r.get("attention_kernels") else "")
+             for r in rows]
+    ran = [r["max_seq"] / 1024 for r in rows]
+    line = [(r.get("extrapolated_max") or r["max_seq"]) / 1024 for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.7 * len(rows)))
+    ys = range(len(rows))
+    ax.barh(ys, line, color="#c6dbef", label="extrapolated (line through the two longest runs)")
+    ax.barh(ys, ran, color="#2171b5", label="a real training step ran at")
+    for y, a, b in zip(ys, ran, line):
+        ax.text(b, y, f" {b:.0f}K", va="center")
+        ax.text(a, y, f"{a:.0f}K ", va="center", ha="right", color="white")
+    ax.set_yticks(list(ys), names)
+    ax.invert_yaxis()
+    ax.set(xlabel="sequence length (K tokens)", xlim=(0, max(line) * 1.18))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, fontsize=8, frameon=False)
+    data = files[0]
+    ax.set_title(f"longest sequence, {rows[0].get('layers', 16)}-layer Llama-3.2-1B-shaped stack, bf16, checkpointing\n"
+                 f"{data['device']}, torch {data['torch']}, {rows[0]['budget_gib']:.0f} GiB budget", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+
+
+def main(*paths: str) -> None:
+    *srcs, dst = paths
+    files = [json.load(open(s)) for s in srcs]
+    if "probes" in files[0]["rows"][0]:
+        plot_max_seq(files, dst)
+    else:
+        plot_bench(files[0], dst)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])
