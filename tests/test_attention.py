@@ -791,3 +791,79 @@ def test_plain_causal_routes_under_dynamic_lengths(eager_form):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     records = [r for r in tilepass.report() if r.kind == "attention"]
     assert [(r.status, r.kernel) for r in records] == [("rewritten", "sdpa")]  # one graph, symbolic length
+
+
+# --- position and document ids under symbolic lengths: proved op by op ----------------------
+
+def _traced(build):
+    """An FX graph from ``build(g) -> node``, every node's example_value filled by running it."""
+    g = fx.Graph()
+    out = build(g)
+    g.output(out)
+    gm = fx.GraphModule(torch.nn.Module(), g)
+
+    class Fill(fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            n.meta["example_value"] = v
+            return v
+
+    Fill(gm).run()
+    return out
+
+
+def _pos(g, n=12, start=None):
+    ar = g.call_function(torch.arange, (n,) if start is None else (start, start + n))
+    return g.call_method("expand", (g.call_method("unsqueeze", (ar, 0)), 3, -1))  # [3, n]
+
+
+def _doc_ids(g, pos, dummy=1):
+    first = g.call_function(operator.sub, (g.call_function(operator.getitem, (pos, (slice(None), slice(None, 1)))), dummy))
+    diff = g.call_function(torch.diff, (pos,), {"prepend": first, "dim": -1})
+    return g.call_method("cumsum", (g.call_function(operator.ne, (diff, 1)), -1))
+
+
+@pytest.mark.parametrize("name,build", [
+    ("positions", lambda g: _pos(g)),
+    ("positions from 5", lambda g: _pos(g, start=5)),
+    ("positions + 3", lambda g: g.call_function(operator.add, (_pos(g), 3))),
+    ("document ids (transformers)", lambda g: _doc_ids(g, _pos(g))),
+    ("document ids, wrong dummy", lambda g: _doc_ids(g, _pos(g), dummy=2)),
+    ("doubled positions", lambda g: g.call_function(operator.mul, (_pos(g), 2))),
+    ("reversed positions", lambda g: g.call_function(operator.sub, (11, _pos(g)))),
+    ("positions, last dim unsqueezed", lambda g: g.call_method("unsqueeze", (g.call_function(torch.arange, (12,)), -1))),
+    ("positions sliced from 1", lambda g: g.call_function(operator.getitem, (_pos(g), (slice(None), slice(1, None))))),
+    ("first position", lambda g: g.call_function(operator.getitem, (_pos(g), (slice(None), slice(None, 1))))),
+    ("cumsum of ones", lambda g: g.call_method("cumsum", (g.call_function(operator.eq, (_pos(g), _pos(g))), -1))),
+    ("comparison of positions", lambda g: g.call_function(operator.ne, (_pos(g), 1))),
+    ("positions as bool", lambda g: g.call_method("to", (_pos(g), torch.bool))),
+])
+def test_symbolic_constant_facts_agree_with_evaluation(name, build):
+    """The abstract interpreter used under symbolic lengths, run on static graphs against
+    plain evaluation: every fact it proves ("uniform c", "position off") is what the values
+    are; where it cannot prove one it says nothing (None), never something else."""
+    from tilepass.match_attention import _constant_data, _symbolic_constant_data
+
+    node = _traced(build)
+    proved, evaluated = _symbolic_constant_data(node), _constant_data(node)
+    assert proved is None or proved == evaluated, (name, proved, evaluated)
+    expected = {"positions": ("position", 0), "positions from 5": ("position", 5), "positions + 3": ("position", 3),
+                "document ids (transformers)": ("uniform", 0), "first position": ("uniform", 0)}
+    assert proved == expected.get(name), (name, proved)
+
+
+def test_transformers_masks_route_to_sdpa_under_dynamic_lengths():
+    """Layer checkpointing and varying lengths: the third length compiles a graph with a
+    symbolic length. Its positions and document ids are an arange and zeros, proved without
+    evaluating, so the mask is plain causal and goes to SDPA's kernel (flex is not routed
+    with symbolic lengths). Training losses match eager at every length."""
+    model = tiny_model("llama", attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fn = torch.compile(model, backend="tilepass", options=dict(num_tiles=2))
+    for seq in (40, 56, 77):
+        ids = torch.randint(3, 128, (2, seq))
+        torch.testing.assert_close(fn(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss,
+                                   rtol=1e-5, atol=1e-5)
+    records = [r for r in tilepass.report() if r.kind == "attention"]
+    assert [(r.status, r.kernel) for r in records] == [("rewritten", "sdpa")] * 4, records
+    assert len({r.compile_id for r in records}) == 2  # a static graph, then the symbolic one

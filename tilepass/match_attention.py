@@ -308,7 +308,11 @@ def _constant_data(node: fx.Node) -> tuple[str, Any] | None:
     randomness, static shapes) and every element is ``c``; ``("position", offset)`` if it is
     ``[B, S]`` with ``value[b, i] == i + offset`` in every row; else None."""
     value = example_value(node)
-    if not isinstance(value, torch.Tensor) or not all(isinstance(s, int) for s in value.shape) or value.numel() == 0:
+    if not isinstance(value, torch.Tensor):
+        return None
+    if not all(isinstance(s, int) for s in value.shape):
+        return _symbolic_constant_data(node)
+    if value.numel() == 0:
         return None
     order: list[fx.Node] = []
     seen: set[fx.Node] = set()
@@ -344,6 +348,113 @@ def _constant_data(node: fx.Node) -> tuple[str, Any] | None:
         if torch.equal(out, (torch.arange(out.shape[1], device=out.device, dtype=out.dtype) + offset).expand_as(out)):
             return "position", offset
     return None
+
+
+def _symbolic_constant_data(node: fx.Node) -> tuple[str, Any] | None:
+    """:func:`_constant_data` for a symbolic length, where nothing can be evaluated: the same
+    two facts, proved op by op on the abstract values ``("uniform", c)`` (every element is
+    c) and ``("position", off)`` (``value[..., i] == i + off`` along the last dim, the same
+    in every row). Covers how transformers derives positions and document ids from an
+    ``arange`` (``cumsum(diff(pos, prepend=pos[:, :1] - 1) != 1)``); anything else is None."""
+    memo: dict[fx.Node, tuple[str, Any] | None] = {}
+    order: list[fx.Node] = []
+
+    def last_dim(n: fx.Node) -> Any:
+        v = example_value(n)
+        return v.shape[-1] if isinstance(v, torch.Tensor) and v.dim() else None
+
+    def dims(n: fx.Node) -> int | None:
+        v = example_value(n)
+        return v.dim() if isinstance(v, torch.Tensor) else None
+
+    def abstract(n: Any) -> tuple[str, Any] | None:
+        if not isinstance(n, fx.Node):
+            return ("uniform", n) if isinstance(n, (bool, int)) else None
+        if n not in memo:
+            memo[n] = None  # cycles cannot happen in a graph, but a failed visit stays None
+            order.append(n)
+            memo[n] = _abstract_step(n, abstract, dims)
+            if memo[n] is not None and memo[n][0] == "position" and last_dim(n) == 1:
+                memo[n] = ("uniform", memo[n][1])  # one position per row: the same value everywhere
+        return memo[n]
+
+    out = abstract(node)
+    if out is None or _written_later(order):
+        return None
+    return out if out[0] == "uniform" or dims(node) == 2 else None
+
+
+_INT_DTYPES = (None, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _abstract_step(n: fx.Node, abstract: Callable, dims: Callable) -> tuple[str, Any] | None:
+    """One op of :func:`_symbolic_constant_data` on abstract values (None: not provable)."""
+    name = op_name(n)
+    if n.op not in ("call_function", "call_method"):
+        return None
+    value = example_value(n)
+    if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point:
+        return None
+    if name == "arange":
+        if len(n.args) not in (1, 2) or n.kwargs.get("dtype") not in _INT_DTYPES or n.kwargs.get("step", 1) != 1 \
+                or set(n.kwargs) - {"dtype", "device", "step"} or value.dtype == torch.bool:
+            return None
+        start = n.args[0] if len(n.args) == 2 else 0  # the end is a size: any (symbolic) int
+        return ("position", start) if isinstance(start, int) and not isinstance(start, bool) else None
+    if not n.args or not isinstance(n.args[0], fx.Node) or dims(n.args[0]) is None:
+        return None
+    x = abstract(n.args[0])
+    if x is None:
+        return None
+    kind, c = x
+    last = dims(n.args[0]) - 1  # the input's last dim, as a non-negative index
+    if name in ("clone", "contiguous") or (name == "to" and all(isinstance(a, (torch.device, str)) for a in n.args[1:])
+                                          and set(n.kwargs) <= {"device", "non_blocking"}):
+        return x
+    if name in ("add", "__add__", "sub", "__sub__") and len(n.args) == 2 and not n.kwargs:
+        other = n.args[1]
+        if isinstance(other, bool) or not isinstance(other, int) or isinstance(c, bool):
+            return None
+        return kind, c + other if name.strip("_") == "add" else c - other
+    if name == "unsqueeze":
+        d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        rank = dims(n.args[0])
+        keeps_last = isinstance(d, int) and rank is not None and d not in (-1, rank)
+        return x if kind == "uniform" or keeps_last else None
+    if name == "expand":
+        sizes = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (tuple, list)) else n.args[1]
+        return x if kind == "uniform" or (sizes and sizes[-1] == -1) else None
+    if name == "getitem" and isinstance(n.args[1], tuple) and all(isinstance(i, slice) for i in n.args[1]):
+        idx = n.args[1]
+        if kind == "uniform":
+            return x
+        prefix = idx[-1].start in (None, 0) and idx[-1].step in (None, 1)
+        whole = all(i == slice(None) for i in idx[:-1])
+        return x if len(idx) == dims(n.args[0]) and prefix and whole else None
+    if name == "diff" and len(n.args) == 1 and set(n.kwargs) <= {"dim", "prepend"} and n.kwargs.get("dim", -1) in (-1, last):
+        if kind != "position":
+            return None
+        if "prepend" not in n.kwargs:
+            return ("uniform", 1)
+        before = abstract(n.kwargs["prepend"])
+        ok = before == ("uniform", c - 1) and _static_last_dim(n.kwargs["prepend"]) == 1
+        return ("uniform", 1) if ok else None  # pos[0] - (pos[0] - 1), then pos[i] - pos[i-1]: all 1
+    if name.strip("_") in _COMPARE and len(n.args) == 2 and not n.kwargs and kind == "uniform":
+        other = n.args[1]
+        return ("uniform", _COMPARE[name.strip("_")](c, other)) if isinstance(other, (bool, int)) else None
+    if name == "cumsum" and kind == "uniform" and c in (0, False):
+        d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        return ("uniform", 0) if d in (-1, last) else None
+    if name in ("int", "long") or (name == "to" and len(n.args) == 2 and n.args[1] in (torch.int64, torch.int32)):
+        return (kind, int(c)) if not isinstance(c, float) else None
+    if name == "bool" or (name == "to" and len(n.args) == 2 and n.args[1] == torch.bool):
+        return ("uniform", bool(c)) if kind == "uniform" else None
+    return None
+
+
+def _static_last_dim(n: fx.Node) -> Any:
+    v = example_value(n)
+    return v.shape[-1] if isinstance(v, torch.Tensor) and v.dim() else None
 
 
 def _written_later(nodes: list[fx.Node]) -> bool:
