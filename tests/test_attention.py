@@ -72,6 +72,22 @@ def test_cpu_devices_and_backward_feature_probe():
 
 # --- mask lifting: exact, pointwise ----------------------------------------------------
 
+def _filled(out: fx.Node) -> fx.Node:
+    """Run the graph ``out`` is the output of (it takes no inputs), setting every node's
+    example_value as Dynamo would; returns ``out``."""
+    gm = fx.GraphModule(torch.nn.Module(), out.graph)
+
+    class Fill(fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            if "example_value" not in n.meta or n.op != "output":
+                n.meta["example_value"] = v
+            return v
+
+    Fill(gm).run()
+    return out
+
+
 def _capture(model, **inputs):
     """The Dynamo graph of ``model`` and the dense masks SDPA received, by node name."""
     graphs = []
@@ -364,7 +380,7 @@ def test_mask_ops_recorded_as_tensor_dunders_are_lifted():
     mask = g.call_method("__and__", (causal, same))
     mask.meta["example_value"] = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
     g.output(mask)
-    lifted = lift_mask(mask)
+    lifted = lift_mask(_filled(mask))
     i = torch.arange(8)
     got = lifted.program(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 1, dtype=torch.long),
                          i.view(1, 1, 8, 1), i.view(1, 1, 1, 8))
@@ -561,7 +577,7 @@ def test_folded_constants_propagate_through_the_mask_program(eq):
     mask = g.call_function(operator.and_, (g.call_function(operator.le, (ki, qi)), same))
     mask.meta["example_value"] = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
     g.output(mask)
-    lifted = lift_mask(mask)
+    lifted = lift_mask(_filled(mask))
     assert lifted.data == [] and lifted.uses == {"q_idx", "kv_idx"}
     i = torch.arange(8)
     got = lifted.program(torch.arange(2).view(2, 1, 1, 1), torch.zeros(1, 1, 1, 1, dtype=torch.long),
@@ -765,7 +781,7 @@ def test_and_masks_start_value_and_device_move_fold_to_plain_causal(and_op, move
             "dunder_method": lambda: g.call_method("__and__", (ones, moved))}[and_op]()
     mask.meta["example_value"] = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
     g.output(mask)
-    lifted = lift_mask(mask)
+    lifted = lift_mask(_filled(mask))
     assert is_plain_causal(lifted), lifted.program.code
     i = torch.arange(8)
     got = lifted.program(None, None, i.view(1, 1, 8, 1), i.view(1, 1, 1, 8))
@@ -800,16 +816,7 @@ def _traced(build):
     g = fx.Graph()
     out = build(g)
     g.output(out)
-    gm = fx.GraphModule(torch.nn.Module(), g)
-
-    class Fill(fx.Interpreter):
-        def run_node(self, n):
-            v = super().run_node(n)
-            n.meta["example_value"] = v
-            return v
-
-    Fill(gm).run()
-    return out
+    return _filled(out)
 
 
 def _pos(g, n=12, start=None):
@@ -837,6 +844,11 @@ def _doc_ids(g, pos, dummy=1):
     ("cumsum of ones", lambda g: g.call_method("cumsum", (g.call_function(operator.eq, (_pos(g), _pos(g))), -1))),
     ("comparison of positions", lambda g: g.call_function(operator.ne, (_pos(g), 1))),
     ("positions as bool", lambda g: g.call_method("to", (_pos(g), torch.bool))),
+    # narrow dtypes wrap: their values are not the index (review of stop 9)
+    ("uint8 positions past 255", lambda g: g.call_method("expand", (g.call_method("unsqueeze", (
+        g.call_function(torch.arange, (300,), {"dtype": torch.uint8}), 0)), 3, -1))),
+    ("int8 positions + 100", lambda g: g.call_function(operator.add, (g.call_method("expand", (g.call_method(
+        "unsqueeze", (g.call_function(torch.arange, (12,), {"dtype": torch.int8}), 0)), 3, -1)), 100))),
 ])
 def test_symbolic_constant_facts_agree_with_evaluation(name, build):
     """The abstract interpreter used under symbolic lengths, run on static graphs against
@@ -867,3 +879,65 @@ def test_transformers_masks_route_to_sdpa_under_dynamic_lengths():
     records = [r for r in tilepass.report() if r.kind == "attention"]
     assert [(r.status, r.kernel) for r in records] == [("rewritten", "sdpa")] * 4, records
     assert len({r.compile_id for r in records}) == 2  # a static graph, then the symbolic one
+
+
+# --- never a wrong result: constants keep torch's meaning (review of stop 9) -----------------
+
+def _mask_case(kind):
+    def f(q, k, v):
+        b, s = q.shape[0], q.shape[2]
+        ar = torch.arange(s)
+        qi, ki = ar[None, None, :, None], ar[None, None, None, :]
+        bi = torch.arange(b)[:, None, None, None]
+        causal = ki <= qi
+        if kind == "uint8 wraps":  # 255 + 1 is 0 in uint8: nothing is allowed
+            mask = causal & ((torch.full((b, s), 255, dtype=torch.uint8)[bi, ki] + 1) != 0)
+        elif kind == "float rounding":  # 0.1 * 3 != 0.3 in float32 too, but differently
+            mask = causal & ((torch.full((b, s), 0.1)[bi, ki] * 3) != 0.3)
+        elif kind == "int32 wraps":
+            mask = causal & ((torch.full((b, s), 2**31 - 1, dtype=torch.int32)[bi, ki] + 1) < 0)
+        elif kind == "int & True":  # an int & 1 keeps the low bit: odd distances only
+            mask = causal & ((qi - ki) & qi.new_ones((), dtype=torch.bool)).bool()
+        elif kind == "logical_and(int, True)":
+            mask = causal & torch.logical_and((qi - ki) * 2 + 1, qi.new_ones((), dtype=torch.bool)) & (qi - ki < 3)
+        elif kind == "uint8 positions":  # wrap past 255
+            pos = torch.arange(s, dtype=torch.uint8).unsqueeze(0).expand(b, -1)
+            mask = pos[bi, ki] <= pos[bi, qi]
+        elif kind in ("broadcast q", "broadcast kv"):  # a length-1 arange: the mask broadcasts
+            qi = torch.arange(1)[None, None, :, None] if kind == "broadcast q" else qi
+            ki = torch.arange(1)[None, None, None, :] if kind == "broadcast kv" else ki
+            mask = ki <= qi
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return f
+
+
+@pytest.mark.parametrize("kind", ["uint8 wraps", "float rounding", "int32 wraps", "int & True", "logical_and(int, True)",
+                                  "uint8 positions", "broadcast q", "broadcast kv"])
+def test_near_causal_masks_keep_their_meaning(kind):
+    """Masks one fold away from plain causal: each is either routed with its exact meaning
+    or left alone; none becomes SDPA's is_causal. (Each was a wrong result or a crash
+    before its fix.)"""
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 300 if kind == "uint8 positions" else 12, 16)
+    gm, want, got, records = _rewrite_fn(_mask_case(kind), (q, q, q), attention=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert all(r.kernel != "sdpa" for r in records), [(r.status, r.pattern, r.kernel) for r in records]
+    if kind.startswith("broadcast"):
+        assert [r.status for r in records] == ["rejected"] and "broadcasts" in records[0].reason
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.25])
+def test_eager_form_with_a_non_positive_scale_is_not_sent_to_sdpa(scale):
+    """SDPA's kernels return NaN rows for scale <= 0 (a softmax over equal scores is not):
+    such an eager-form site goes to flex, not to SDPA's causal kernel."""
+    def f(q, k, v):
+        s = q.shape[2]
+        ar = torch.arange(s)
+        allowed = torch.where(ar[None, None, None, :] <= ar[None, None, :, None], 0.0, torch.finfo(q.dtype).min)
+        return torch.softmax(q @ k.transpose(2, 3) * scale + allowed, dim=-1) @ v
+
+    q = torch.randn(2, 4, 8, 16)
+    gm, want, got, records = _rewrite_fn(f, (q, q, q), attention=True)
+    assert [(r.status, r.kernel) for r in records] == [("rewritten", "flex")]
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

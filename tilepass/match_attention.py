@@ -46,6 +46,20 @@ class MaskProgram:
     program: fx.GraphModule  # fn(b, h, q_idx, kv_idx, *data) -> bool tensor
     data: list[fx.Node]  # graph values the mask reads (e.g. the 2-D attention_mask)
     uses: frozenset[str]  # which of b, h, q_idx, kv_idx it depends on
+    # the length of the arange each used index was built from: the program holds for
+    # indices below it, so the attention must not be longer (a length-1 arange broadcasts)
+    extent: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def broadcast_dims(self, sizes: dict[str, Any]) -> list[str]:
+        """The used dims whose arange is not as long as the attention's ``sizes`` there."""
+        return [d for d in sorted(self.uses) if d in self.extent and not same_size(self.extent[d], sizes[d])]
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Provably equal sizes, static or symbolic (the same symbol), without a guard."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
 
 
 @dataclasses.dataclass
@@ -81,7 +95,8 @@ Resolve = Callable[[fx.Node], "fx.Node | None"]
 
 
 def _index_leaf(node: fx.Node) -> tuple[int, Any] | None:
-    """``arange(n)[None, None, :, None]`` (optionally ``+ offset`` before indexing): (dim, offset)."""
+    """``arange(n)[None, None, :, None]`` (optionally ``+ offset`` before indexing): (dim, offset).
+    Only an int64 arange: a narrower one wraps, and its values are no longer the index."""
     if node.target is not operator.getitem or not isinstance(node.args[0], fx.Node):
         return None
     src, idx = node.args
@@ -93,7 +108,7 @@ def _index_leaf(node: fx.Node) -> tuple[int, Any] | None:
     offset = 0
     if op_name(src) == "add" and isinstance(src.args[1], int) and src.args[1] >= 0 and isinstance(src.args[0], fx.Node):
         src, offset = src.args[0], src.args[1]  # a negative offset would wrap around in a dense gather
-    if op_name(src) != "arange" or len(src.args) != 1:
+    if op_name(src) != "arange" or len(src.args) != 1 or getattr(example_value(src), "dtype", None) != torch.int64:
         return None
     return full[0], offset
 
@@ -153,7 +168,8 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
         )
         if not pointwise:
             raise NotPointwise(f"the mask is built by `{op_name(n)}`, which is not pointwise in (b, h, q, kv)")
-        if n.op == "call_method" and n.target == "to" and any(isinstance(a, torch.dtype) and a.is_floating_point for a in n.args):
+        if n.op == "call_method" and n.target == "to" and any(
+                isinstance(a, torch.dtype) and a.is_floating_point for a in (*n.args, n.kwargs.get("dtype"))):
             raise NotPointwise("the mask goes through a float tensor")
         if n.op == "call_method" and n.target in _IDENTITY_METHODS:
             visit(n.args[0])  # expand(2, -1, s0, s0): the sizes (symbolic under dynamic shapes) are not mask values
@@ -175,8 +191,13 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
     graph = fx.Graph()
     idx = [graph.placeholder(d) for d in _DIMS]
     env: dict[fx.Node, Any] = {}
+    extent: dict[str, Any] = {}
     for leaf, (dim, offset) in leaves.items():
         env[leaf] = idx[dim] if not offset else graph.call_function(operator.add, (idx[dim], offset))
+        length = example_value(leaf).shape[dim]
+        if _DIMS[dim] in extent and not same_size(extent[_DIMS[dim]], length):
+            raise NotPointwise(f"the mask's {_DIMS[dim]} positions come from aranges of different lengths")
+        extent[_DIMS[dim]] = length
     for i, d in enumerate(data):
         env[d] = graph.placeholder(f"data{i}")
     position = {n: (rank[g], i) for g in rank for i, n in enumerate(g.nodes)}
@@ -208,14 +229,20 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
                 env[n] = c
                 continue
         if _is_and(n) and len(args) == 2 and any(a is True for a in args):
-            env[n] = as_tensor(args[1] if args[0] is True else args[0])  # x & True is x
-            continue
+            other = 1 if args[0] is True else 0
+            if getattr(example_value(n.args[other]), "dtype", None) == torch.bool:
+                env[n] = as_tensor(args[other])  # x & True is x, for a bool x (an int x & 1 keeps its low bit)
+                continue
         if (constant or n.op == "call_method") and not isinstance(args[0], fx.Node):
             args = (as_tensor(args[0]), *args[1:])  # a tensor op (or method) on a folded value
+        if n.op == "call_function" and getattr(n.target, "__module__", None) != "_operator":
+            # torch.logical_and(x, True) takes no Python bool where a tensor was
+            args = tuple(as_tensor(a) if isinstance(a, bool) and isinstance(o, fx.Node) else a for a, o in zip(args, n.args))
         env[n] = graph.create_node(n.op, n.target, args, kwargs, name=n.name)
     graph.output(as_tensor(value(mask)))
     uses = frozenset(p.name for p in idx if p.users)
-    return MaskProgram(fx.GraphModule(torch.nn.Module(), graph, class_name="MaskProgram"), data, uses)
+    return MaskProgram(fx.GraphModule(torch.nn.Module(), graph, class_name="MaskProgram"), data, uses,
+                       {d: n for d, n in extent.items() if d in uses})
 
 
 # kv_idx <= q_idx, spelled as Dynamo may record it: (op, kv side first?)
@@ -268,25 +295,36 @@ _ARITHMETIC = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "f
                "mod": operator.mod}
 
 
-def _eval_constant(n: fx.Node, args: tuple) -> bool | int | float | None:
-    """``n`` evaluated on Python constants (``0 == 0``, ``True.to(device)``), or None."""
+def _eval_constant(n: fx.Node, args: tuple) -> bool | int | None:
+    """``n`` evaluated on Python constants (``0 == 0``, ``True.to(device)``), or None.
+
+    Folded values are bools and int64s only, with torch's meaning: a cast to any other dtype,
+    a float, bool arithmetic (``True + True`` is 2 in Python, True in torch), a result
+    outside int64 (torch wraps) or a division by zero is not folded."""
+    if any(isinstance(a, float) for a in args):
+        return None
     if n.op == "call_method" and n.target == "to":
-        v = args[0]
         dtype = next((a for a in args[1:] if isinstance(a, torch.dtype)), n.kwargs.get("dtype"))
-        return v if dtype is None else (bool(v) if dtype == torch.bool else v if dtype.is_floating_point else int(v))
-    if n.op == "call_method" and n.target in ("bool", "int", "long"):
-        return {"bool": bool, "int": int, "long": int}[n.target](args[0])
-    if n.op not in ("call_method", "call_function") or len(args) != 2 or n.kwargs:
+        out = args[0] if dtype is None else bool(args[0]) if dtype == torch.bool else \
+            int(args[0]) if dtype == torch.int64 else None
+    elif n.op == "call_method" and n.target in ("bool", "long"):
+        out = bool(args[0]) if n.target == "bool" else int(args[0])
+    elif n.op not in ("call_method", "call_function") or len(args) != 2 or n.kwargs:
         return None
-    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-    name = name.strip("_")
-    if name in _COMPARE:
-        out = _COMPARE[name](*args)
-    elif name in _ARITHMETIC and not any(isinstance(a, bool) for a in args):  # True + True: 2 in Python, True in torch
-        out = _ARITHMETIC[name](*args)
     else:
-        return None
-    return out if isinstance(out, (bool, int, float)) else None
+        name = (n.target if n.op == "call_method" else getattr(n.target, "__name__", "")).strip("_")
+        try:
+            if name in _COMPARE:
+                out = _COMPARE[name](*args)
+            elif name in _ARITHMETIC and not any(isinstance(a, bool) for a in args):
+                out = _ARITHMETIC[name](*args)
+            else:
+                return None
+        except (ZeroDivisionError, TypeError):
+            return None
+    if isinstance(out, bool):
+        return out
+    return out if isinstance(out, int) and -2**63 <= out < 2**63 else None
 
 
 def _resolved(n: fx.Node, resolve: Resolve | None) -> fx.Node:
@@ -338,14 +376,14 @@ def _constant_data(node: fx.Node) -> tuple[str, Any] | None:
     except Exception:  # anything that does not evaluate plainly is not treated as a constant
         return None
     out = env[node]
-    if not isinstance(out, torch.Tensor) or out.numel() == 0:
-        return None
+    if not isinstance(out, torch.Tensor) or out.numel() == 0 or out.dtype not in (torch.bool, torch.int64):
+        return None  # a narrower or float dtype: its Python value would not behave as it does
     first = out.reshape(-1)[0]
     if bool((out == first).all()):
         return "uniform", first.item()
-    if out.dim() == 2 and not out.dtype.is_floating_point and out.dtype != torch.bool:
+    if out.dim() == 2 and out.dtype == torch.int64:
         offset = out[0, 0].item()
-        if torch.equal(out, (torch.arange(out.shape[1], device=out.device, dtype=out.dtype) + offset).expand_as(out)):
+        if torch.equal(out, (torch.arange(out.shape[1], device=out.device) + offset).expand_as(out)):
             return "position", offset
     return None
 
@@ -379,12 +417,12 @@ def _symbolic_constant_data(node: fx.Node) -> tuple[str, Any] | None:
         return memo[n]
 
     out = abstract(node)
-    if out is None or _written_later(order):
+    if out is None or _written_later(order) or getattr(example_value(node), "dtype", None) not in (torch.bool, torch.int64):
         return None
     return out if out[0] == "uniform" or dims(node) == 2 else None
 
 
-_INT_DTYPES = (None, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_INT_DTYPES = (None, torch.int64)  # a narrower arange wraps: its values are not the index
 
 
 def _abstract_step(n: fx.Node, abstract: Callable, dims: Callable) -> tuple[str, Any] | None:
@@ -393,8 +431,8 @@ def _abstract_step(n: fx.Node, abstract: Callable, dims: Callable) -> tuple[str,
     if n.op not in ("call_function", "call_method"):
         return None
     value = example_value(n)
-    if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point:
-        return None
+    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.bool, torch.int64):
+        return None  # every step in bool or int64: no float, no wrap-around
     if name == "arange":
         if len(n.args) not in (1, 2) or n.kwargs.get("dtype") not in _INT_DTYPES or n.kwargs.get("step", 1) != 1 \
                 or set(n.kwargs) - {"dtype", "device", "step"} or value.dtype == torch.bool:
@@ -415,7 +453,8 @@ def _abstract_step(n: fx.Node, abstract: Callable, dims: Callable) -> tuple[str,
         other = n.args[1]
         if isinstance(other, bool) or not isinstance(other, int) or isinstance(c, bool):
             return None
-        return kind, c + other if name.strip("_") == "add" else c - other
+        c = c + other if name.strip("_") == "add" else c - other
+        return (kind, c) if abs(c) < 2**62 else None  # far from int64's wrap-around, whatever the length
     if name == "unsqueeze":
         d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
         rank = dims(n.args[0])
@@ -445,7 +484,7 @@ def _abstract_step(n: fx.Node, abstract: Callable, dims: Callable) -> tuple[str,
     if name == "cumsum" and kind == "uniform" and c in (0, False):
         d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
         return ("uniform", 0) if d in (-1, last) else None
-    if name in ("int", "long") or (name == "to" and len(n.args) == 2 and n.args[1] in (torch.int64, torch.int32)):
+    if name == "long" or (name == "to" and len(n.args) == 2 and n.args[1] == torch.int64):
         return (kind, int(c)) if not isinstance(c, float) else None
     if name == "bool" or (name == "to" and len(n.args) == 2 and n.args[1] == torch.bool):
         return ("uniform", bool(c)) if kind == "uniform" else None
@@ -512,6 +551,7 @@ def find_attention(graph: fx.Graph, resolve: Resolve | None = None) -> tuple[lis
                     mask = lift_mask(kw["attn_mask"], resolve)
                 except NotPointwise as e:
                     reason = str(e)
+        reason = reason or _broadcast_reason(mask, q, k)
         if reason is not None:
             rejections.append(AttentionRejection(n, reason, module))
             continue
@@ -527,6 +567,17 @@ def find_attention(graph: fx.Graph, resolve: Resolve | None = None) -> tuple[lis
 # --- the eager form: softmax(q @ k^T * scale [softcap] + mask) @ v ------------------------
 
 _MIN_MASK_VALUE = -1e30  # "masked" in an additive mask: exp(score + this) is 0 in fp32/bf16
+
+
+def _broadcast_reason(mask: MaskProgram | None, q: fx.Node, k: fx.Node) -> str | None:
+    """Why the lifted program would not hold at every (b, h, q, kv) of this attention: an
+    index it uses came from a shorter arange, whose mask broadcasts (one row for all)."""
+    if mask is None:
+        return None
+    qv, kv = example_value(q), example_value(k)
+    dims = mask.broadcast_dims(dict(b=qv.shape[0], h=qv.shape[1], q_idx=qv.shape[2], kv_idx=kv.shape[2]))
+    return (f"the mask's {', '.join(dims)} positions come from a shorter arange than the attention's length "
+            "(the dense mask broadcasts)") if dims else None
 
 
 def _is_call(n: Any, *names: str) -> bool:
@@ -608,6 +659,9 @@ def _eager_attention(out: fx.Node, resolve: Resolve | None):
     values = [example_value(x) for x in (q, k, v)]
     if any(not isinstance(x, torch.Tensor) or x.dim() != 4 for x in values):
         return None
+    broadcast = _broadcast_reason(mask, q, k)
+    if broadcast:
+        return AttentionRejection(out, broadcast, module, "eager")
     inner = set(chain[1:])
     if any(u not in inner and u is not out for n in chain[1:] for u in n.users):
         return AttentionRejection(out, "the attention weights are also read elsewhere (output_attentions)", module, "eager")

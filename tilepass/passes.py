@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import attention_runtime, flex_versions, runtime
-from .match_attention import AttentionSite, find_attention, is_plain_causal
+from .match_attention import AttentionSite, find_attention, is_plain_causal, same_size
 from .fx_utils import autocast_state, hint, remove_dead_nodes, tensor_value
 from .hop_inputs import BodyInputs
 from .match_mlp import find_mlps
@@ -183,17 +183,12 @@ def attention_kernel(site: AttentionSite, choice: str) -> str | None:
     softcap, sinks) pay for flex; "flex" sends every site there."""
     if choice == "flex" or site.softcap is not None or site.sinks is not None:
         return "flex"
+    if site.scale is not None and not site.scale > 0:
+        return "flex"  # SDPA's kernels return NaN rows for a scale <= 0
     if site.mask is None:
         return "sdpa" if site.replaced else None  # the eager form is worth fusing even unmasked
     q_len, kv_len = tensor_value(site.q).shape[2], tensor_value(site.k).shape[2]
-    return "sdpa" if is_plain_causal(site.mask) and _same_length(q_len, kv_len) else "flex"
-
-
-def _same_length(a, b) -> bool:
-    """Provably equal lengths, static or symbolic (the same symbol), without a guard."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
+    return "sdpa" if is_plain_causal(site.mask) and same_size(q_len, kv_len) else "flex"
 
 
 def _not_routable_here(site, kernel: str | None, device_type: str, training: bool, in_checkpoint: bool) -> str | None:
