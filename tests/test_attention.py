@@ -903,6 +903,12 @@ def _mask_case(kind):
         elif kind == "uint8 positions":  # wrap past 255
             pos = torch.arange(s, dtype=torch.uint8).unsqueeze(0).expand(b, -1)
             mask = pos[bi, ki] <= pos[bi, qi]
+        elif kind == "x.logical_and(True), int x":  # the method form keeps a tensor argument
+            mask = causal & ((qi - ki) * 2 + 1).logical_and(qi.new_ones((), dtype=torch.bool)) & (qi - ki < 3)
+        elif kind == "logical_and(x, folded int)":  # constant segment ids fold to the int 1
+            mask = torch.logical_and(causal, torch.ones(b, s, dtype=torch.long)[bi, ki])
+        elif kind == "add with alpha":  # torch.add(i, 3, alpha=2) is i + 6, not i + 3
+            mask = torch.add(torch.arange(s), 3, alpha=2)[None, None, None, :] <= qi + 6
         elif kind in ("broadcast q", "broadcast kv"):  # a length-1 arange: the mask broadcasts
             qi = torch.arange(1)[None, None, :, None] if kind == "broadcast q" else qi
             ki = torch.arange(1)[None, None, None, :] if kind == "broadcast kv" else ki
@@ -912,7 +918,8 @@ def _mask_case(kind):
 
 
 @pytest.mark.parametrize("kind", ["uint8 wraps", "float rounding", "int32 wraps", "int & True", "logical_and(int, True)",
-                                  "uint8 positions", "broadcast q", "broadcast kv"])
+                                  "uint8 positions", "broadcast q", "broadcast kv", "x.logical_and(True), int x",
+                                  "logical_and(x, folded int)", "add with alpha"])
 def test_near_causal_masks_keep_their_meaning(kind):
     """Masks one fold away from plain causal: each is either routed with its exact meaning
     or left alone; none becomes SDPA's is_causal. (Each was a wrong result or a crash
@@ -941,3 +948,63 @@ def test_eager_form_with_a_non_positive_scale_is_not_sent_to_sdpa(scale):
     assert [(r.status, r.kernel) for r in records] == [("rewritten", "flex")]
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_scale_from_the_graph_is_declined_not_a_crash():
+    """dynamic=True can make a module float (transformers' ``self.scaling``) a graph input,
+    so SDPA's scale is a graph value: the site is left alone with the reason (before, the
+    kernel choice compared a graph node with 0 and the compile failed). End to end, such a
+    model compiles and matches eager."""
+    from tilepass import passes
+    from tilepass.options import Options
+
+    def f(q, k, v, scale):
+        i = torch.arange(q.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=i[None, None, None, :] <= i[None, None, :, None],
+                                              scale=scale)
+
+    q = torch.randn(2, 2, 12, 8)
+    gm = fx.symbolic_trace(f, concrete_args={})
+
+    class Fill(fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            n.meta["example_value"] = v
+            return v
+
+    Fill(gm).run(q, q, q, 0.3)
+    ctx = passes.PassContext(Options.parse(dict(attention=True)), 0)
+    assert passes.run_passes(gm, ctx) == 0
+    assert [r.reason for r in ctx.records] == [
+        "the softmax scale is a value of the graph, not a constant (dynamic=True makes module floats graph inputs); "
+        "use dynamic=None or False"]
+    model = tiny_model("llama", attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 128, (2, 14))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="tilepass", dynamic=True)(input_ids=ids, use_cache=False).logits,
+                                   model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_turned_on_inside_a_no_grad_call_counts_as_training():
+    """A compiled function called under no_grad that enables grad inside: its attention is
+    trained, so a padded (flex) site is not routed on CPU (flex has no CPU backward), and
+    the gradients equal eager's (it failed to compile before)."""
+    model = tiny_model("llama", attn_implementation="sdpa")
+    ids = torch.randint(3, 128, (2, 16))
+    am = torch.ones(2, 16, dtype=torch.long)
+    am[1, :3] = 0
+
+    def loss_fn(ids, am):
+        with torch.enable_grad():
+            return model(input_ids=ids, attention_mask=am, use_cache=False).logits[am.bool()].pow(2).mean()
+
+    grads = []
+    for fn in (loss_fn, torch.compile(loss_fn, backend="tilepass")):
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            loss = fn(ids, am)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not rewritten("attention") and rejected("attention")

@@ -106,7 +106,8 @@ def _index_leaf(node: fx.Node) -> tuple[int, Any] | None:
     if len(full) != 1 or any(s is not None for i, s in enumerate(idx) if i != full[0]):
         return None
     offset = 0
-    if op_name(src) == "add" and isinstance(src.args[1], int) and src.args[1] >= 0 and isinstance(src.args[0], fx.Node):
+    if op_name(src) == "add" and isinstance(src.args[1], int) and src.args[1] >= 0 and isinstance(src.args[0], fx.Node) \
+            and not src.kwargs:  # torch.add(x, c, alpha=2) is x + 2c
         src, offset = src.args[0], src.args[1]  # a negative offset would wrap around in a dense gather
     if op_name(src) != "arange" or len(src.args) != 1 or getattr(example_value(src), "dtype", None) != torch.int64:
         return None
@@ -235,9 +236,11 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
                 continue
         if (constant or n.op == "call_method") and not isinstance(args[0], fx.Node):
             args = (as_tensor(args[0]), *args[1:])  # a tensor op (or method) on a folded value
-        if n.op == "call_function" and getattr(n.target, "__module__", None) != "_operator":
-            # torch.logical_and(x, True) takes no Python bool where a tensor was
-            args = tuple(as_tensor(a) if isinstance(a, bool) and isinstance(o, fx.Node) else a for a, o in zip(args, n.args))
+        if n.op == "call_method" or getattr(n.target, "__module__", None) != "_operator":
+            # a folded value where the graph had a tensor, for ops that take no Python scalar
+            # there (torch.logical_and(x, True), x.logical_and(1))
+            args = tuple(as_tensor(a) if isinstance(a, (bool, int)) and isinstance(o, fx.Node) else a
+                         for a, o in zip(args, n.args))
         env[n] = graph.create_node(n.op, n.target, args, kwargs, name=n.name)
     graph.output(as_tensor(value(mask)))
     uses = frozenset(p.name for p in idx if p.users)

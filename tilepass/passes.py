@@ -137,7 +137,9 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     in_checkpoint = inputs is not None and bool(inputs.calls.get(gm.graph))
     for s in sites:
         qv = tensor_value(s.q)
-        training = torch.is_grad_enabled() and any(tensor_value(t).requires_grad for t in (s.q, s.k, s.v))
+        # from the traced values, not the grad mode at compile time: a region may turn grad
+        # on inside (enable_grad under an outer no_grad), and its values say so
+        training = any(tensor_value(t).requires_grad for t in (s.q, s.k, s.v))
         kernel = attention_kernel(s, ctx.options.attention_kernel)
         reason = _not_routable_here(s, kernel, qv.device.type, training, in_checkpoint)
         if reason:
@@ -183,7 +185,7 @@ def attention_kernel(site: AttentionSite, choice: str) -> str | None:
     softcap, sinks) pay for flex; "flex" sends every site there."""
     if choice == "flex" or site.softcap is not None or site.sinks is not None:
         return "flex"
-    if site.scale is not None and not site.scale > 0:
+    if site.scale is not None and not (_is_number(site.scale) and site.scale > 0):
         return "flex"  # SDPA's kernels return NaN rows for a scale <= 0
     if site.mask is None:
         return "sdpa" if site.replaced else None  # the eager form is worth fusing even unmasked
@@ -191,10 +193,17 @@ def attention_kernel(site: AttentionSite, choice: str) -> str | None:
     return "sdpa" if is_plain_causal(site.mask) and same_size(q_len, kv_len) else "flex"
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _not_routable_here(site, kernel: str | None, device_type: str, training: bool, in_checkpoint: bool) -> str | None:
     """Why a provably equivalent site still is not routed on this device (None: it is)."""
     if kernel is None:
         return "SDPA without a mask already: its fused kernels are the fastest route"
+    if site.scale is not None and not _is_number(site.scale):
+        return ("the softmax scale is a value of the graph, not a constant (dynamic=True makes module floats "
+                "graph inputs); use dynamic=None or False")
     if kernel == "sdpa":
         return None  # SDPA's fused kernels: every device, training, any length
     q_len, kv_len = tensor_value(site.q).shape[2], tensor_value(site.k).shape[2]
