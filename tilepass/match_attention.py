@@ -400,10 +400,6 @@ def _symbolic_constant_data(node: fx.Node) -> tuple[str, Any] | None:
     memo: dict[fx.Node, tuple[str, Any] | None] = {}
     order: list[fx.Node] = []
 
-    def last_dim(n: fx.Node) -> Any:
-        v = example_value(n)
-        return v.shape[-1] if isinstance(v, torch.Tensor) and v.dim() else None
-
     def dims(n: fx.Node) -> int | None:
         v = example_value(n)
         return v.dim() if isinstance(v, torch.Tensor) else None
@@ -415,7 +411,7 @@ def _symbolic_constant_data(node: fx.Node) -> tuple[str, Any] | None:
             memo[n] = None  # cycles cannot happen in a graph, but a failed visit stays None
             order.append(n)
             memo[n] = _abstract_step(n, abstract, dims)
-            if memo[n] is not None and memo[n][0] == "position" and last_dim(n) == 1:
+            if memo[n] is not None and memo[n][0] == "position" and _static_last_dim(n) == 1:
                 memo[n] = ("uniform", memo[n][1])  # one position per row: the same value everywhere
         return memo[n]
 
@@ -449,12 +445,15 @@ def _abstract_step(n: fx.Node, abstract: Callable, dims: Callable) -> tuple[str,
         return None
     kind, c = x
     last = dims(n.args[0]) - 1  # the input's last dim, as a non-negative index
-    if name in ("clone", "contiguous") or (name == "to" and all(isinstance(a, (torch.device, str)) for a in n.args[1:])
-                                          and set(n.kwargs) <= {"device", "non_blocking"}):
+    if name in ("clone", "contiguous") or _is_device_move(n):
         return x
-    if name in ("add", "__add__", "sub", "__sub__") and len(n.args) == 2 and not n.kwargs:
+    if kind == "uniform" and not any(isinstance(a, fx.Node) for a in (*n.args[1:], *n.kwargs.values())):
+        folded = _eval_constant(n, (c, *n.args[1:]))  # one element's value: the same rules as in lift_mask
+        if folded is not None:
+            return "uniform", folded
+    if name in ("add", "__add__", "sub", "__sub__") and len(n.args) == 2 and not n.kwargs and kind == "position":
         other = n.args[1]
-        if isinstance(other, bool) or not isinstance(other, int) or isinstance(c, bool):
+        if isinstance(other, bool) or not isinstance(other, int):
             return None
         c = c + other if name.strip("_") == "add" else c - other
         return (kind, c) if abs(c) < 2**62 else None  # far from int64's wrap-around, whatever the length
@@ -481,16 +480,11 @@ def _abstract_step(n: fx.Node, abstract: Callable, dims: Callable) -> tuple[str,
         before = abstract(n.kwargs["prepend"])
         ok = before == ("uniform", c - 1) and _static_last_dim(n.kwargs["prepend"]) == 1
         return ("uniform", 1) if ok else None  # pos[0] - (pos[0] - 1), then pos[i] - pos[i-1]: all 1
-    if name.strip("_") in _COMPARE and len(n.args) == 2 and not n.kwargs and kind == "uniform":
-        other = n.args[1]
-        return ("uniform", _COMPARE[name.strip("_")](c, other)) if isinstance(other, (bool, int)) else None
     if name == "cumsum" and kind == "uniform" and c in (0, False):
         d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
         return ("uniform", 0) if d in (-1, last) else None
-    if name == "long" or (name == "to" and len(n.args) == 2 and n.args[1] == torch.int64):
-        return (kind, int(c)) if not isinstance(c, float) else None
-    if name == "bool" or (name == "to" and len(n.args) == 2 and n.args[1] == torch.bool):
-        return ("uniform", bool(c)) if kind == "uniform" else None
+    if kind == "position" and (name == "long" or (name == "to" and len(n.args) == 2 and n.args[1] == torch.int64)):
+        return x  # int64 already (every step is): the cast changes nothing
     return None
 
 
