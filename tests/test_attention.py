@@ -326,7 +326,9 @@ def test_training_on_cuda_matches_sdpa(arch, impl, pad, ckpt, kernel):
     ids = torch.randint(3, 128, (2, 256), device="cuda")
     am = torch.ones(2, 256, dtype=torch.long, device="cuda")
     am[1, :37] = 0
-    inputs = dict(input_ids=ids, attention_mask=am if pad else None, labels=ids)
+    # padded positions labelled -100, as transformers' collators do: a row with every key
+    # masked is 0 in flex (and SDPA) but an average of all values in the eager softmax form
+    inputs = dict(input_ids=ids, attention_mask=am if pad else None, labels=ids.masked_fill(am == 0, -100) if pad else ids)
     want_loss = model(**inputs).loss
     want_loss.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -60,7 +60,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "then": {"properties": {"tiles": {"type": "integer"}, "tile_tokens": {"type": "integer"},
                                         "intermediate_bytes": {"type": "integer"}, "saved_bytes": {"type": "integer"}}},
                 "properties": {
-                    "kind": {"enum": ["mlp", "moe", "attention"]},
+                    "kind": {"enum": ["mlp", "moe", "attention", "checkpoint"]},
                     "pattern": {"type": "string"},
                     "module": {"type": "string"},
                     "nodes": {"type": "array", "items": {"type": "string"}, "minItems": 1},
@@ -80,7 +80,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "required": ["kind", "pattern", "module", "nodes", "reason"],
                 "properties": {
-                    "kind": {"enum": ["mlp", "moe", "attention"]},
+                    "kind": {"enum": ["mlp", "moe", "attention", "checkpoint"]},
                     "reason": {"type": "string", "minLength": 1},
                     "nodes": {"type": "array", "items": {"type": "string"}},
                 },

@@ -39,6 +39,12 @@ class Options:
     #: SDPA's fused kernels (``is_causal=True``: flash/cuDNN on GPU, the fastest there are
     #: for it) and every other mask to flex attention; "flex": every routed site to flex.
     attention_kernel: str = "auto"
+    #: In a layer-checkpointed model, keep each layer's attention outputs for the backward
+    #: instead of recomputing attention there (selective activation checkpointing): the
+    #: attention forward runs once per step instead of twice. Costs the attention output
+    #: and its log-sum-exp per token per layer (4.1 KB for Llama-3.2-1B in bf16). Layers
+    #: whose checkpoint already has a user policy (``context_fn``) are left alone.
+    save_attention: bool = False
     #: Sum weight gradients over tiles in float32 for low-precision parameters. Costs one
     #: float32 buffer per weight of the region (2x a bf16 weight) during its backward.
     accumulate_fp32: bool = False
@@ -79,7 +85,7 @@ class Options:
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise OptionsError(f"tilepass option 'attention_kernel' must be one of "
                                f"{', '.join(map(repr, ATTENTION_KERNELS))}, got {self.attention_kernel!r}")
-        for name in ("mlp", "moe", "attention", "accumulate_fp32"):
+        for name in ("mlp", "moe", "attention", "save_attention", "accumulate_fp32"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "attention" and value is None):
                 raise OptionsError(f"tilepass option {name!r} must be True or False"

@@ -15,9 +15,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from . import attention_runtime, flex_versions, runtime
+from . import attention_runtime, checkpoint_policy, flex_versions, runtime
 from .match_attention import AttentionSite, find_attention, is_plain_causal, same_size
-from .fx_utils import autocast_state, hint, remove_dead_nodes, tensor_value
+from .fx_utils import autocast_state, common_module, hint, op_name, remove_dead_nodes, tensor_value
 from .hop_inputs import BodyInputs
 from .match_mlp import find_mlps
 from .match_moe import find_moes
@@ -222,12 +222,37 @@ def _not_routable_here(site, kernel: str | None, device_type: str, training: boo
     return None
 
 
+def save_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """Put a policy on a checkpointed layer that holds attention: its outputs are saved for
+    the backward instead of recomputed (see :mod:`tilepass.checkpoint_policy`)."""
+    if ctx.root is None or gm is ctx.root:
+        return 0
+    calls = BodyInputs(ctx.root).calls.get(gm.graph) or []
+    if not calls or any(op_name(c) != "tag_activation_checkpoint" for c in calls):
+        return 0  # not (only) a checkpointed layer's body
+    sites = [n for n in gm.graph.nodes if n.op == "call_function"
+             and n.target in (F.scaled_dot_product_attention, attention_runtime.flex_sdpa)]
+    if not sites:
+        return 0
+    module = common_module(sites).rsplit(".", 1)[0]  # "layers.0.self_attn" -> the layer, "layers.0"
+    if checkpoint_policy.has_policy(gm):
+        ctx.records.append(Record("rejected", "checkpoint", module, "save_attention", ctx.graph_index,
+                                  nodes=[n.name for n in sites],
+                                  reason="this checkpointed layer already has a policy (a context_fn): left as set"))
+        return 0
+    checkpoint_policy.install(gm)
+    ctx.records.append(Record("rewritten", "checkpoint", module, "save_attention", ctx.graph_index,
+                              nodes=[n.name for n in sites]))
+    return 1
+
+
 # name -> (pass, the option that switches it); MoE first, so that a shared expert (a
 # dense MLP inside the block) is tiled with its block.
 PASSES: dict[str, tuple[Pass, str]] = {
     "moe": (tile_moes, "moe"),
     "mlp": (tile_mlps, "mlp"),
     "attention": (route_attention, "attention"),
+    "save_attention": (save_attention, "save_attention"),
 }
 
 

@@ -53,12 +53,18 @@ def clear() -> None:
     _RECORDS.clear()
 
 
+def _detail(r: Record) -> str:
+    if r.tiles is not None:
+        return f", {r.tiles} tiles"
+    return f" -> {r.kernel}" if r.kernel else ""  # routed attention: where it runs
+
+
 def summarize(graph_index: int, records: list[Record]) -> str:
     done = [r for r in records if r.status == "rewritten"]
     rejected = [r for r in records if r.status == "rejected"]
-    parts = [f"graph {graph_index}: tiled {len(done)} region{'s' if len(done) != 1 else ''}"]
+    parts = [f"graph {graph_index}: rewrote {len(done)} region{'s' if len(done) != 1 else ''}"]
     if done:
-        parts.append(", ".join(f"{r.module or '<root>'} [{r.kind}:{r.pattern}, {r.tiles} tiles]" for r in done))
+        parts.append(", ".join(f"{r.module or '<root>'} [{r.kind}:{r.pattern}{_detail(r)}]" for r in done))
     if rejected:
         parts.append(
             f"left {len(rejected)}: " + "; ".join(f"{r.module or '<root>'}: {r.reason}" for r in rejected)

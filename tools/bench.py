@@ -19,7 +19,9 @@ replaced by Liger-Kernel's ``LigerTiledSwiGLUMLP``, the DeepSpeed/ALST TiledMLP
 algorithm; dense only); ``tilepass-mlp`` (MLP/MoE tiling alone, attention as transformers
 writes it); ``tilepass`` (the defaults: tiling, and attention routed: a plain causal mask to
 SDPA's fused kernels, others to flex); ``tilepass+flex`` (every attention site to flex
-attention); any tilepass variant with ``@N``: N tokens per tile.
+attention); ``tilepass+save`` and ``tilepass+flex+save`` (those, with ``save_attention``:
+checkpointed layers keep attention's outputs instead of recomputing attention); any
+tilepass variant with ``@N``: N tokens per tile.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ TILEPASS_VARIANTS = {
     "tilepass-mlp": dict(attention=False),  # MLP/MoE tiling alone; attention left as transformers writes it
     "tilepass": {},  # the defaults: tiling, and attention routed (plain causal to SDPA's fused kernels)
     "tilepass+flex": dict(attention_kernel="flex"),  # every routed attention site to flex attention
+    "tilepass+save": dict(save_attention=True),  # checkpointed layers keep attention's outputs
+    "tilepass+flex+save": dict(attention_kernel="flex", save_attention=True),
 }
 VARIANTS = ("eager", "compile", "liger", *TILEPASS_VARIANTS)
 
@@ -150,10 +154,11 @@ def measure(model, variant, seq, ckpt, args):
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         if variant.startswith("tilepass"):
             done = [r for r in tilepass.report() if r.status == "rewritten"]
-            tiled = [r for r in done if r.kind != "attention"]
+            tiled = [r for r in done if r.kind in ("mlp", "moe")]
             row["tiled_regions"] = len(tiled)
             row["tiles"] = sorted({r.tiles for r in tiled})
-            row["routed_attention"] = len(done) - len(tiled)
+            row["routed_attention"] = sum(r.kind == "attention" for r in done)
+            row["saved_attention_layers"] = sum(r.kind == "checkpoint" for r in done)
             row["attention_kernels"] = sorted({r.kernel for r in done if r.kind == "attention"})
             row["rejected"] = sorted({r.reason for r in tilepass.report() if r.status == "rejected"})
     except torch.OutOfMemoryError:

@@ -1,0 +1,204 @@
+"""``save_attention``: a checkpointed layer keeps its attention outputs for the backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+
+import tilepass
+from tilepass import checkpoint_policy, passes
+from tilepass.report import summarize
+from tilepass.options import Options, OptionsError
+from tilepass.tiny_models import tiny_model
+
+from conftest import assert_close_results, rejected, rewritten, train_step
+from test_attention import _causal_attention
+
+
+def _attention_forwards(fn, *args) -> tuple[int, int]:
+    """(attention forward kernels, attention backward kernels) one forward+backward ran:
+    what the compiled step does after AOTAutograd's partitioner and inductor."""
+    with torch.profiler.profile() as prof:
+        out = fn(*args)
+        (out.float() ** 2).sum().backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    fwd = sum(c for k, c in counts.items() if "scaled_dot_product" in k and "backward" not in k and k.startswith("aten::_"))
+    bwd = sum(c for k, c in counts.items() if "scaled_dot_product" in k and k.endswith("_backward"))
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("eager_form", [False, True])
+def test_saved_attention_trains_exactly_and_runs_attention_once(eager_form):
+    """Float64 on CPU, inside a checkpointed block: outputs and every gradient equal eager at
+    1e-10 (uneven length, batch 2, non-uniform upstream gradient); plain checkpointing runs
+    the attention forward twice (forward, recompute), save_attention once."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    attn = _causal_attention(eager_form)().double()
+
+    def f(x):
+        return checkpoint(attn, x, use_reentrant=False)
+
+    x = torch.randn(2, 37, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 37, 32, dtype=torch.float64)
+    out = f(x)
+    want = (out, torch.autograd.grad((out * w).sum(), [x, *attn.parameters()]))
+    forwards = {}
+    for save in (False, True):
+        torch._dynamo.reset()
+        tilepass.reset()
+        compiled = torch.compile(f, backend="tilepass", options=dict(save_attention=save))
+        out = compiled(x)
+        got = (out, torch.autograd.grad((out * w).sum(), [x, *attn.parameters()]))
+        torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+        for a, b in zip(got[1], want[1]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        forwards[save] = _attention_forwards(compiled, x)
+        assert len(rewritten("checkpoint")) == int(save)
+    assert forwards == {False: (2, 1), True: (1, 1)}
+
+
+def test_saved_attention_in_a_checkpointed_llama():
+    """The benchmark's setting: a transformers Llama with layer checkpointing. Every layer
+    gets the policy, the step matches the one without it (same graph, another partition)
+    and eager, and each layer's attention forward runs once."""
+    model = tiny_model("llama", attn_implementation="sdpa").double()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 128, (2, 37))
+    weights = torch.randn(2, 37, 128, dtype=torch.float64)
+    inputs = dict(input_ids=ids, labels=ids)
+    want = train_step(model, inputs, weights)
+    results, forwards = {}, {}
+    for save in (False, True):
+        torch._dynamo.reset()
+        tilepass.reset()
+        compiled = torch.compile(model, backend="tilepass", options=dict(num_tiles=3, save_attention=save))
+        results[save] = train_step(model, inputs, weights, call=compiled)
+        forwards[save] = _attention_forwards(lambda: compiled(input_ids=ids).logits)
+        model.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+        ops = _GraphOps()  # and in the graphs inductor compiled: none left in the backward
+        with torch._inductor.config.patch(post_grad_custom_post_pass=ops, fx_graph_cache=False):
+            torch.compile(model, backend="tilepass", options=dict(num_tiles=3, save_attention=save))(**inputs).loss.backward()
+        model.zero_grad(set_to_none=True)
+        counts = ops.attention_forwards()
+        assert counts[0] == 2 and sum(counts[1:-1]) == 0 and counts[-1] == (0 if save else 2), counts
+    assert [(r.module, r.pattern) for r in rewritten("checkpoint")] == [
+        ("layers.0", "save_attention"), ("layers.1", "save_attention")]
+    assert_close_results(results[True], results[False], rtol=1e-10, atol=1e-10, what="saved vs recomputed")
+    assert_close_results(results[True], want, rtol=1e-4, atol=1e-5, what="saved vs eager")  # float32 RoPE
+    assert forwards == {False: (4, 2), True: (2, 2)}
+
+
+def _captured_llama_graph():
+    """The graph Dynamo hands the backend for a checkpointed tiny Llama (not yet rewritten)."""
+    model = tiny_model("llama", attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(model, backend=keep)(input_ids=torch.randint(3, 128, (1, 16)))
+    [gm] = [g for g in graphs if len(list(g.modules())) > 1]  # the one holding the layers
+    return gm
+
+
+def test_a_layer_with_a_user_policy_is_left_as_set():
+    gm = _captured_llama_graph()
+    bodies = [m for m in gm.modules() if isinstance(m, fx.GraphModule) and m is not gm]
+    user_policy = object()
+    bodies[0].meta[checkpoint_policy.CONTEXT_FN_KEY] = user_policy
+    ctx = passes.PassContext(Options.parse(dict(save_attention=True)), 0)
+    passes.run_passes(gm, ctx)
+    assert bodies[0].meta[checkpoint_policy.CONTEXT_FN_KEY] is user_policy
+    assert bodies[1].meta[checkpoint_policy.CONTEXT_FN_KEY].func is torch.utils.checkpoint.create_selective_checkpoint_contexts
+    saved = [r for r in ctx.records if r.kind == "checkpoint"]
+    assert [(r.status, r.module) for r in saved] == [("rejected", "layers.0"), ("rewritten", "layers.1")]
+    assert saved[0].reason == "this checkpointed layer already has a policy (a context_fn): left as set"
+    line = summarize(0, ctx.records)  # the log line names what each rewrite was
+    assert "layers.1 [checkpoint:save_attention]" in line and "layers.0.mlp [mlp:swiglu, " in line
+    assert "layers.0.self_attn [attention:mask(kv_idx,q_idx) -> sdpa]" in line and "None" not in line
+
+
+def test_off_by_default_and_nothing_without_checkpointing():
+    gm = _captured_llama_graph()
+    ctx = passes.PassContext(Options.parse({}), 0)
+    passes.run_passes(gm, ctx)
+    assert not any(checkpoint_policy.CONTEXT_FN_KEY in m.meta for m in gm.modules() if isinstance(m, fx.GraphModule))
+
+    model = tiny_model("llama", attn_implementation="sdpa")  # no layer checkpointing: no body to put it on
+    torch.compile(model, backend="tilepass", options=dict(save_attention=True))(input_ids=torch.randint(3, 128, (1, 16)))
+    assert not rewritten("checkpoint") and not rejected("checkpoint") and rewritten("mlp")  # the passes ran
+
+
+def test_the_policy_saves_attention_ops_only():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    policy = checkpoint_policy.save_attention_policy
+    assert policy(None, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default) is CheckpointPolicy.MUST_SAVE
+    assert policy(None, torch.ops.aten.mm.default) is CheckpointPolicy.PREFER_RECOMPUTE
+    assert checkpoint_policy.save_attention_context_fn().cache_hash  # AOTAutograd's cache keeps working
+
+
+def test_save_attention_must_be_a_bool():
+    with pytest.raises(OptionsError, match="'save_attention' must be True or False"):
+        Options.parse(dict(save_attention="yes"))
+
+
+class _GraphOps:
+    """Inductor's post-grad graphs (forward, then backward, per compiled graph) as op-name
+    counts: what runs after AOTAutograd partitioned the joint graph."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph):
+        self.graphs.append([self._name(n) for n in graph.nodes if n.op == "call_function"])
+
+    @staticmethod
+    def _name(node) -> str:
+        # an op that draws random numbers is wrapped for RNG replay (run_and_save_rng_state /
+        # run_with_rng_state(state, op, ...)): name the op it runs
+        wrapped = [a for a in node.args if isinstance(a, torch._ops.OpOverload)]
+        return str(wrapped[0]) if "rng_state" in str(node.target) and wrapped else str(node.target)
+
+    def attention_forwards(self) -> list[int]:
+        def forward_op(name):
+            return ("flex_attention" in name or "_scaled_dot_product" in name) and "backward" not in name
+        return [sum(map(forward_op, ops)) for ops in self.graphs]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention training needs a GPU (no CPU backward)")
+@pytest.mark.parametrize("pad,kernel", [(False, "sdpa"), (True, "flex")])
+def test_saved_attention_on_cuda(pad, kernel):
+    """On the GPU, for both kernels a routed site can run on: the backward graph inductor
+    compiles has no attention forward left with save_attention (two, one per layer, without),
+    and the loss and every gradient equal the recomputing step's."""
+    model = tiny_model("llama", attn_implementation="sdpa").cuda()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 128, (2, 256), device="cuda")
+    am = torch.ones(2, 256, dtype=torch.long, device="cuda")
+    am[1, :37] = 0
+    inputs = dict(input_ids=ids, attention_mask=am if pad else None,
+                  labels=ids.masked_fill(am == 0, -100) if pad else ids)
+    results, backward_forwards = {}, {}
+    for save in (False, True):
+        torch._dynamo.reset()
+        tilepass.reset()
+        ops = _GraphOps()
+        with torch._inductor.config.patch(post_grad_custom_post_pass=ops, fx_graph_cache=False):
+            loss = torch.compile(model, backend="tilepass", options=dict(save_attention=save))(**inputs).loss
+            loss.backward()
+        results[save] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+        assert {r.kernel for r in rewritten("attention")} == {kernel}
+        counts = ops.attention_forwards()  # the layers' forward graph first, its backward last
+        assert counts[0] == 2 and sum(counts[1:-1]) == 0, counts
+        backward_forwards[save] = counts[-1]
+    assert backward_forwards == {False: 2, True: 0}
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+    for n, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][n], g, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"grad of {n}: {m}")
