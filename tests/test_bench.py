@@ -95,9 +95,38 @@ def test_max_seq_search_converges_bisects_and_stops_at_the_cap(monkeypatch, tmp_
     assert rows["flat"]["bound"] == "cap" and rows["flat"]["max_seq"] == 1048576
     assert rows["flat"]["extrapolated_max"] > 1048576
     v = rows["flat"]["validations"][0]
-    assert abs(v["line_peak_gib"] - peaks["flat"](v["seq"])) < 1e-9
+    assert abs(v["fit_peak_gib"] - peaks["flat"](v["seq"])) < 1e-9
 
     calls.clear()  # a step predicted (seq² from the last one) to overrun the time budget is not run
     max_seq.main(["--variants", "concave", "--fraction", "1.0", "--time-budget", "10", "--out", str(out)])
     [row] = json.loads(out.read_text())["rows"]
     assert row["bound"] == "time" and row["max_seq"] == 65536 and calls == [("concave", 32768), ("concave", 65536)]
+
+
+def test_max_seq_fits_a_parabola_for_variants_with_a_dense_mask(monkeypatch, tmp_path):
+    """compile and tilepass-mlp keep transformers' [seq, seq] mask: their peak is quadratic,
+    the line through two probes would overshoot it; the parabola through three predicts the
+    longest length exactly, and two probes are not enough for it."""
+    import types
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench
+    import max_seq
+    import torch
+
+    peak = lambda s: 2.0 + 1e-4 * s + 1e-9 * s * s  # noqa: E731
+    monkeypatch.setattr(bench, "measure", lambda model, variant, seq, ckpt, args: (
+        dict(seq=seq, oom=True) if peak(seq) > 100 else dict(seq=seq, peak_gib=peak(seq), step_s=0.0, first_s=0.0)))
+    monkeypatch.setattr(bench, "build_model", lambda args: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=100 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "fake")
+    out = tmp_path / "m.json"
+    max_seq.main(["--variants", "compile", "--probe", "16384", "32768", "65536", "--fraction", "1.0", "--out", str(out)])
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["fit"] == "parabola" and row["bound"] == "converged"
+    assert row["predicted"] == row["max_seq"] and peak(row["max_seq"]) <= 100 < peak(row["max_seq"] + 4096)
+    assert abs(row["validations"][0]["fit_peak_gib"] - peak(row["max_seq"])) < 1e-6
+    max_seq.main(["--variants", "tilepass-mlp", "--probe", "32768", "65536", "--out", str(out)])
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["error"] == "2 probes fit; the parabola needs 3" and "max_seq" not in row

@@ -7,15 +7,18 @@ For each variant, one training step (bench.py's step, layer checkpointing) at ea
 ``--probe`` length gives the peak memory. With flash, cuDNN or flex attention nothing is
 O(seq²), so the peak is linear in the length: the line through the two longest runs
 predicts the longest length (a multiple of ``--multiple``) under ``--fraction`` of the
-GPU's memory. One real step there validates it; the line is then redrawn through the two
-longest runs that fit and the search repeats (an out-of-memory step bisects instead),
+GPU's memory. ``compile`` and ``tilepass-mlp`` keep the dense ``[seq, seq]`` mask
+transformers builds under compile, so their peak is quadratic: with ``--fit auto`` (the
+default) a parabola through their three longest runs predicts instead (give three probes).
+One real step at the prediction validates it; the fit is then redrawn through the longest
+runs that fit and the search repeats (an out-of-memory step bisects instead),
 until the next multiple would not fit, the ``--cap`` is reached, or the next step would
 not finish within ``--time-budget`` (attention time grows with seq²: a 16-layer step at
 300K tokens takes over a minute on an H200).
 
 Each row reports ``max_seq`` (the longest length a real step ran at), ``bound``
 ("converged": the next multiple is predicted not to fit, or ran out of memory; "cap";
-"time"), and ``extrapolated_max``, the line's prediction from the two longest real runs.
+"time"), and ``extrapolated_max``, the fit's prediction from the longest real runs.
 """
 from __future__ import annotations
 
@@ -70,24 +73,41 @@ def predict_max(coeffs: list[float], budget: float, multiple: int) -> int:
     return max(multiple, int(s // multiple) * multiple)
 
 
-def _line_max(points: list[tuple[int, float]], budget: float, multiple: int) -> int:
-    """predict_max of the line through the two longest (seq, peak) points."""
-    (s0, p0), (s1, p1) = sorted(points)[-2:]
-    return predict_max(fit_peak([s0, s1], [p0, p1]), budget, multiple)
+# variants whose graph keeps transformers' dense [seq, seq] attention mask: quadratic peak
+QUADRATIC_VARIANTS = ("compile", "tilepass-mlp")
+
+
+def _fit(points: list[tuple[int, float]], degree: int) -> list[float]:
+    """The polynomial of ``degree`` through the ``degree + 1`` longest (seq, peak) points."""
+    longest = sorted(points)[-(degree + 1):]
+    if len(longest) < degree + 1:
+        raise ValueError(f"a degree-{degree} fit needs {degree + 1} runs that fit, got {len(longest)}")
+    return fit_peak([s for s, _ in longest], [p for _, p in longest])
+
+
+def _fit_max(points: list[tuple[int, float]], budget: float, multiple: int, degree: int = 1) -> int:
+    """predict_max of the fit through the longest (seq, peak) points."""
+    return predict_max(_fit(points, degree), budget, multiple)
+
+
+def _fit_at(points: list[tuple[int, float]], seq: int, degree: int = 1) -> float:
+    coeffs = _fit(points, degree)  # highest power first
+    return sum(c * seq ** (len(coeffs) - 1 - i) for i, c in enumerate(coeffs))
 
 
 def search_max(points: list[tuple[int, float]], step: Callable[[int], dict], budget: float, multiple: int,
                cap: int, seconds_left: Callable[[], float], last_time: tuple[int, float] | None = None,
-               overhead_s: float = 0.0) -> dict:
+               overhead_s: float = 0.0, degree: int = 1) -> dict:
     """Search the longest length that fits, from probe ``points`` [(seq, peak GiB)].
 
     ``step(seq)`` runs one training step: {"peak_gib", "step_s"} or {"oom": True}.
     ``last_time`` (seq, seconds) of a step, to predict the next one's time (as seq²), plus
-    ``overhead_s`` per step (compilation: every length compiles afresh)."""
+    ``overhead_s`` per step (compilation: every length compiles afresh). ``degree``: 1, the
+    line through the two longest runs; 2, the parabola through the three longest."""
     points = sorted(points)
     fits, too_long = points[-1][0], None
-    guess = predicted = _line_max(points, budget, multiple)
-    row: dict = dict(predicted=predicted, validations=[], bound="converged")
+    guess = predicted = _fit_max(points, budget, multiple, degree)
+    row: dict = dict(fit="line" if degree == 1 else "parabola", predicted=predicted, validations=[], bound="converged")
     while True:
         seq = min(guess, cap, too_long - multiple if too_long else guess)
         if seq <= fits:
@@ -96,9 +116,9 @@ def search_max(points: list[tuple[int, float]], step: Callable[[int], dict], bud
             row["bound"] = "time"
             break
         result = step(seq)
-        fitted = _line_fit_at(points, seq)
+        fitted = _fit_at(points, seq, degree)
         row["validations"].append(dict(seq=seq, oom=bool(result.get("oom")), peak_gib=result.get("peak_gib"),
-                                       line_peak_gib=fitted, step_s=result.get("step_s")))
+                                       fit_peak_gib=fitted, step_s=result.get("step_s")))
         if result.get("oom"):
             too_long = seq
             guess = (fits + seq) // 2 // multiple * multiple  # bisect between what fits and what did not
@@ -108,15 +128,10 @@ def search_max(points: list[tuple[int, float]], step: Callable[[int], dict], bud
         if seq == cap:
             row["bound"] = "cap"
             break
-        guess = _line_max(points, budget, multiple)
+        guess = _fit_max(points, budget, multiple, degree)
     row["max_seq"] = fits  # the longest length a real step ran at (a probe, if nothing longer fit)
-    row["extrapolated_max"] = _line_max(points, budget, multiple)
+    row["extrapolated_max"] = _fit_max(points, budget, multiple, degree)
     return row
-
-
-def _line_fit_at(points: list[tuple[int, float]], seq: int) -> float:
-    (s0, p0), (s1, p1) = sorted(points)[-2:]
-    return p1 + (p1 - p0) / (s1 - s0) * (seq - s1)
 
 
 def main(argv=None):
@@ -130,6 +145,8 @@ def main(argv=None):
     p.add_argument("--cap", type=int, default=524288, help="longest length to run a step at")
     p.add_argument("--time-budget", type=float, default=math.inf,
                    help="seconds for the whole run: a step predicted to end past it is not started")
+    p.add_argument("--fit", choices=["auto", "line", "parabola"], default="auto",
+                   help=f"peak model; auto: parabola for {', '.join(QUADRATIC_VARIANTS)}, else line")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -156,12 +173,15 @@ def main(argv=None):
         row = dict(variant=variant, layers=args.layers, budget_gib=budget,
                    probes=[(r["seq"], r.get("peak_gib"), r.get("step_s")) for r in probes],
                    attention_kernels=probes[-1].get("attention_kernels"))
-        if len(ok) >= 2:
+        degree = 2 if args.fit == "parabola" or (args.fit == "auto" and variant in QUADRATIC_VARIANTS) else 1
+        if len(ok) < degree + 1:
+            row["error"] = f"{len(ok)} probes fit; the {'parabola' if degree == 2 else 'line'} needs {degree + 1}"
+        else:
             longest = max((r for r in probes if not r.get("oom")), key=lambda r: r["seq"])
             row.update(search_max(ok, one_step(variant), budget, args.multiple, args.cap,
                                   lambda: args.time_budget - (time.perf_counter() - start),
                                   (longest["seq"], longest["step_s"]),
-                                  overhead_s=max(0.0, longest["first_s"] - longest["step_s"])))
+                                  overhead_s=max(0.0, longest["first_s"] - longest["step_s"]), degree=degree))
         results.append(row)
         print(json.dumps(row), flush=True)
         if args.out:  # after every variant: a call cut off by its time limit keeps what it measured

@@ -44,7 +44,7 @@ def plot_max_seq(files: list[dict], dst: str) -> None:
     line = [(r.get("extrapolated_max") or r["max_seq"]) / 1024 for r in rows]
     fig, ax = plt.subplots(figsize=(8, 1.6 + 0.7 * len(rows)))
     ys = range(len(rows))
-    ax.barh(ys, line, color="#c6dbef", label="extrapolated (line through the two longest runs)")
+    ax.barh(ys, line, color="#c6dbef", label="extrapolated (fit through the longest real runs)")
     ax.barh(ys, ran, color="#2171b5", label="a real training step ran at")
     for y, a, b in zip(ys, ran, line):
         ax.text(b, y, f" {b:.0f}K", va="center")
