@@ -9,8 +9,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || export PYTHONPATH=$PWD
 timeout ${TESTS_S:-150} python3 -m pytest -q -rs -p no:logging tests/test_save_attention.py tests/test_attention.py \
-  -k "cuda and (save or gemma2)" > "$OUT/pytest_step_levers.log" 2>&1
-echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest_step_levers.log" | head -20
+  -k "cuda and (save or gemma2)" > "$OUT/pytest_levers.log" 2>&1
+echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest_levers.log" | head -20
 timeout ${BENCH_S:-250} python3 tools/bench.py --layers 4 --seqs ${SEQS:-65536} \
   --variants ${VARIANTS:-eager,tilepass,tilepass+save,tilepass+flex+save} \
   --out "$OUT/${NAME:-bench_dense_save_h200}.json" 2>&1 | grep -v -i warn | tail -8

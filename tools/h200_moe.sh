@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One device call: the Qwen3-30B-A3B-shaped MoE stack at 64K tokens: eager, compile, tilepass
-# (defaults), and a tokens-per-tile sweep of the defaults. Writes JSON under $OUT after every row.
+# One device call: the Qwen3-30B-A3B-shaped MoE stack at 64K tokens: eager, tilepass (defaults),
+# tilepass+save (save_attention), and a tokens-per-tile sweep of the defaults (8192 tokens per
+# tile is the default's 8 tiles). Writes JSON under $OUT after every row.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || export PYTHONPATH=$PWD
 timeout ${LIMIT:-540} python3 tools/bench.py --model moe --layers 4 --seqs ${SEQS:-65536} \
-  --variants ${VARIANTS:-eager,compile,tilepass,tilepass@16384,tilepass@32768,tilepass@65536} \
-  --out "$OUT/bench_moe_h200.json" 2>&1 | grep -v -i warn | tail -12
+  --variants ${VARIANTS:-eager,tilepass,tilepass+save,tilepass@16384,tilepass@32768} \
+  --out "$OUT/${NAME:-bench_moe_h200}.json" 2>&1 | grep -v -i warn | tail -12
