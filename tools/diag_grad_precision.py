@@ -20,7 +20,7 @@ from tilepass.tiny_models import tiny_model
 
 def grads(model, inputs, call=None):
     model.zero_grad(set_to_none=True)
-    loss = (call or model)(**inputs).loss
+    loss = (model if call is None else call)(**inputs).loss
     loss.backward()
     out = {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
