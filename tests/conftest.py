@@ -39,3 +39,15 @@ def rewritten(kind="mlp"):
 
 def rejected(kind="mlp"):
     return [r for r in tilepass.report() if r.status == "rejected" and r.kind == kind]
+
+
+def checkpointed_llama_step():
+    """A float64 tiny Llama with layer checkpointing (the benchmark's setting) and one
+    training step's inputs: (model, inputs, logit weights); batch 2, length 37."""
+    from tilepass.tiny_models import tiny_model
+
+    model = tiny_model("llama", attn_implementation="sdpa").double()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 128, (2, 37))
+    weights = torch.randn(2, 37, 128, dtype=torch.float64)
+    return model, dict(input_ids=ids, labels=ids), weights

@@ -307,7 +307,7 @@ def test_attention_is_off_by_default():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention training needs a GPU (no CPU backward)")
 @pytest.mark.parametrize("arch,impl,pad,ckpt,kernel", [
     ("llama", "sdpa", False, False, "flex"), ("llama", "sdpa", True, True, "auto"), ("mistral", "sdpa", True, False, "auto"),
-    ("gemma2", "eager", True, False, "auto"), ("gpt_oss", "eager", False, False, "auto"),
+    ("gemma2-nosoftcap", "eager", True, False, "auto"), ("gpt_oss", "eager", False, False, "auto"),
     ("gpt_oss", "eager", True, False, "auto"),
     # plain causal: SDPA's fused kernel, from the dense mask and from the eager form in checkpointed layers
     ("llama", "sdpa", False, True, "auto"), ("llama", "eager", False, True, "auto"),
@@ -316,7 +316,9 @@ def test_training_on_cuda_matches_sdpa(arch, impl, pad, ckpt, kernel):
     """Loss and every parameter gradient (GPT-OSS: the sinks' too) of a routed training
     step equal the unrouted model's (float32 on CUDA; flex and SDPA accumulate in
     different orders)."""
-    model = tiny_model(arch, attn_implementation=impl, **({"sliding_window": 64} if arch == "gpt_oss" else {})).cuda()
+    overrides = {"gpt_oss": {"sliding_window": 64}, "gemma2-nosoftcap": {"attn_logit_softcapping": None}}.get(arch, {})
+    arch = arch.split("-")[0]
+    model = tiny_model(arch, attn_implementation=impl, **overrides).cuda()
     if arch == "gpt_oss":
         with torch.no_grad():
             for layer in model.model.layers:
@@ -344,6 +346,8 @@ def test_training_on_cuda_matches_sdpa(arch, impl, pad, ckpt, kernel):
 
 
 
+# Gemma 2 without its softcap: softcapped sites are not routed while training (see
+# test_softcap_is_not_routed_while_training), and this graph is a training graph
 @pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("mistral", "sdpa"), ("gemma2", "eager")])
 def test_checkpointed_layers_are_routed_with_the_mask_built_outside(monkeypatch, arch, impl):
     """Layer checkpointing puts each layer in a tag_activation_checkpoint body that receives
@@ -352,7 +356,7 @@ def test_checkpointed_layers_are_routed_with_the_mask_built_outside(monkeypatch,
     graph. The training graph is rewritten and run without gradients (CPU flex attention
     has no backward), against the same graph unrewritten."""
     monkeypatch.setattr(flex_versions, "flex_backward_supported", lambda device_type: True)
-    model = tiny_model(arch, attn_implementation=impl)
+    model = tiny_model(arch, attn_implementation=impl, **({"attn_logit_softcapping": None} if arch == "gemma2" else {}))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(3, 128, (2, 150))
     am = torch.ones(2, 150, dtype=torch.long)
@@ -430,15 +434,34 @@ def test_positions_from_an_arange_fold_to_a_plain_causal_mask():
         assert torch.equal(got.expand(1, 1, 40, 40)[0, 0], torch.ones(40, 40, dtype=torch.bool).tril())
 
 
+def test_softcap_is_not_routed_while_training(monkeypatch):
+    """Softcapped attention (Gemma 2) trained through flex on the H200 with gradients up to
+    5e-3 from eager's, unexplained: where a gradient flows such sites stay as they are, with
+    the reason, even where flex has a backward; without gradients they are routed."""
+    from tilepass.passes import SOFTCAP_IN_TRAINING
+
+    monkeypatch.setattr(flex_versions, "flex_backward_supported", lambda device_type: True)
+    model = tiny_model("gemma2", attn_implementation="eager")
+    ids = torch.randint(3, 128, (2, 40))
+    gm, want, got, records = _rewrite_captured_graph(monkeypatch, model, dict(input_ids=ids), attention=True, mlp=False)
+    assert [(r.status, r.reason) for r in records] == [("rejected", SOFTCAP_IN_TRAINING)] * 2
+    assert torch.equal(got, want)
+    tilepass.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="tilepass", options=dict(mlp=False))(input_ids=ids)
+    assert [r.pattern for r in rewritten("attention")] == ["eager+softcap(50)+mask(kv_idx,q_idx)"] * 2
+
+
 def test_eager_form_in_checkpointed_layers_is_declined_where_it_faults(monkeypatch):
     """Where flex_versions says the eager form faults inside checkpointed layers (CUDA,
     torch 2.11), those sites stay as they are, with the reason; the graph still runs."""
     monkeypatch.setattr(flex_versions, "flex_backward_supported", lambda device_type: True)
     monkeypatch.setattr(flex_versions, "eager_form_in_checkpoint_supported", lambda device_type: False)
-    model = tiny_model("gemma2", attn_implementation="eager")
+    model = tiny_model("gemma2", attn_implementation="eager", attn_logit_softcapping=None)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(3, 128, (2, 40))
-    gm, want, got, records = _rewrite_captured_graph(monkeypatch, model, dict(input_ids=ids), attention=True, mlp=False)
+    gm, want, got, records = _rewrite_captured_graph(monkeypatch, model, dict(input_ids=ids), attention=True, mlp=False,
+                                                     attention_kernel="flex")  # the fault is flex's
     assert [(r.status, r.reason) for r in records] == [(
         "rejected", "eager-form attention inside a checkpointed layer is not routed on cpu (a known fault on torch "
                     "2.11 CUDA); use attn_implementation='sdpa' or no layer checkpointing")] * 2
@@ -723,13 +746,9 @@ def test_plain_causal_llama_trains_through_sdpa_in_checkpointed_layers():
     tiled, and a float64 training step matches eager (to the tolerance test_hf_models uses
     against eager: transformers' RoPE is float32, and inductor fuses it differently; the
     float64-exact check is test_plain_causal_trains_on_sdpa_exactly)."""
-    from conftest import assert_close_results, train_step
+    from conftest import assert_close_results, checkpointed_llama_step, train_step
 
-    model = tiny_model("llama", attn_implementation="sdpa").double()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ids = torch.randint(3, 128, (2, 37))
-    weights = torch.randn(2, 37, 128, dtype=torch.float64)
-    inputs = dict(input_ids=ids, labels=ids)
+    model, inputs, weights = checkpointed_llama_step()
     want = train_step(model, inputs, weights)
     got = train_step(model, inputs, weights, call=torch.compile(model, backend="tilepass", options=dict(num_tiles=3)))
     assert_close_results(got, want, rtol=1e-4, atol=1e-5)

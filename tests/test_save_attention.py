@@ -11,7 +11,7 @@ from tilepass.report import summarize
 from tilepass.options import Options, OptionsError
 from tilepass.tiny_models import tiny_model
 
-from conftest import assert_close_results, rejected, rewritten, train_step
+from conftest import assert_close_results, checkpointed_llama_step, rejected, rewritten, train_step
 from test_attention import _causal_attention
 
 
@@ -63,11 +63,8 @@ def test_saved_attention_in_a_checkpointed_llama():
     """The benchmark's setting: a transformers Llama with layer checkpointing. Every layer
     gets the policy, the step matches the one without it (same graph, another partition)
     and eager, and each layer's attention forward runs once."""
-    model = tiny_model("llama", attn_implementation="sdpa").double()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ids = torch.randint(3, 128, (2, 37))
-    weights = torch.randn(2, 37, 128, dtype=torch.float64)
-    inputs = dict(input_ids=ids, labels=ids)
+    model, inputs, weights = checkpointed_llama_step()
+    ids = inputs["input_ids"]
     want = train_step(model, inputs, weights)
     results, forwards = {}, {}
     for save in (False, True):
@@ -90,7 +87,7 @@ def test_saved_attention_in_a_checkpointed_llama():
     assert forwards == {False: (4, 2), True: (2, 2)}
 
 
-def _captured_llama_graph():
+def _captured_llama_graph(padded: bool = False):
     """The graph Dynamo hands the backend for a checkpointed tiny Llama (not yet rewritten)."""
     model = tiny_model("llama", attn_implementation="sdpa")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -100,7 +97,10 @@ def _captured_llama_graph():
         graphs.append(gm)
         return gm.forward
 
-    torch.compile(model, backend=keep)(input_ids=torch.randint(3, 128, (1, 16)))
+    ids = torch.randint(3, 128, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    torch.compile(model, backend=keep)(input_ids=ids, **({"attention_mask": mask} if padded else {}))
     [gm] = [g for g in graphs if len(list(g.modules())) > 1]  # the one holding the layers
     return gm
 
@@ -183,42 +183,40 @@ class _GraphOps:
         return sum(f for f, _ in ops), sum(f for f, b in ops if b)
 
 
-def _attention_forward_events(fn) -> int:
-    """Attention forward kernels (by their aten names) the profiler saw while ``fn`` ran."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::_") and "backward" not in e.key
-               and ("_scaled_dot_product" in e.key or "_attention_forward" in e.key))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention training needs a GPU (no CPU backward)")
-@pytest.mark.parametrize("pad,kernel", [(False, "sdpa"), (True, "flex")])
-def test_saved_attention_on_cuda(pad, kernel):
-    """On the GPU, for both kernels a routed site can run on: the loss and every gradient
-    equal the recomputing step's; on SDPA's kernels the step runs half the attention
-    forwards (flex's compiled kernels carry no aten name to count)."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_saved_attention_on_cuda():
+    """On the GPU (SDPA's fused kernels): the loss and every gradient of a step that keeps
+    attention's outputs equal those of the step that recomputes them. (That the forward runs
+    once is shown on CPU above, in the graphs inductor compiled; on the H200 by the step
+    time, docs/benchmarks.md.)"""
     model = tiny_model("llama", attn_implementation="sdpa").cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(3, 128, (2, 256), device="cuda")
-    am = torch.ones(2, 256, dtype=torch.long, device="cuda")
-    am[1, :37] = 0
-    inputs = dict(input_ids=ids, attention_mask=am if pad else None,
-                  labels=ids.masked_fill(am == 0, -100) if pad else ids)
-    results, forwards = {}, {}
+    results = {}
     for save in (False, True):
         torch._dynamo.reset()
         tilepass.reset()
-        compiled = torch.compile(model, backend="tilepass", options=dict(save_attention=save))
-        loss = compiled(**inputs).loss
+        loss = torch.compile(model, backend="tilepass", options=dict(save_attention=save))(input_ids=ids, labels=ids).loss
         loss.backward()
         results[save] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
         model.zero_grad(set_to_none=True)
-        assert {r.kernel for r in rewritten("attention")} == {kernel}
+        assert {r.kernel for r in rewritten("attention")} == {"sdpa"}
         assert len(rewritten("checkpoint")) == (2 if save else 0)
-        forwards[save] = _attention_forward_events(lambda: compiled(**inputs).loss.backward())
-        model.zero_grad(set_to_none=True)
-    if kernel == "sdpa":
-        assert forwards[True] > 0 and forwards[False] == 2 * forwards[True], forwards
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
     for n, g in results[False][1].items():
         torch.testing.assert_close(results[True][1][n], g, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"grad of {n}: {m}")
+
+
+def test_layers_whose_attention_runs_on_flex_keep_recomputing(monkeypatch):
+    """A padded batch routes attention to flex; those layers get no policy, with the reason.
+    (Routed as on a GPU: the graph is rewritten, not run; CPU flex has no backward.)"""
+    from tilepass import flex_versions
+
+    monkeypatch.setattr(flex_versions, "flex_backward_supported", lambda device_type: True)
+    gm = _captured_llama_graph(padded=True)
+    ctx = passes.PassContext(Options.parse(dict(save_attention=True)), 0)
+    passes.run_passes(gm, ctx)
+    assert {r.kernel for r in ctx.records if r.kind == "attention"} == {"flex"}
+    assert not any(checkpoint_policy.CONTEXT_FN_KEY in m.meta for m in gm.modules() if isinstance(m, fx.GraphModule))
+    assert [(r.status, r.module, r.reason) for r in ctx.records if r.kind == "checkpoint"] == [
+        ("rejected", f"layers.{i}", checkpoint_policy.FLEX_NOT_SAVED) for i in range(2)]

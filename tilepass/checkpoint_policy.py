@@ -22,8 +22,8 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 CONTEXT_FN_KEY = "_checkpoint_context_fn"
 
-# The aten ops SDPA dispatches to (their outputs carry everything their backward needs),
-# and flex attention's higher-order op. Looked up by name: not every torch has them all.
+# The aten ops SDPA dispatches to (their outputs carry everything their backward needs).
+# Looked up by name: not every torch has them all.
 _ATEN_ATTENTION = (
     "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention",
@@ -33,11 +33,17 @@ _ATEN_ATTENTION = (
 )
 
 
+# Flex attention's outputs are not kept. On the H200 (torch 2.11), a checkpointed Llama
+# whose padded attention ran on flex faulted (illegal memory access, then an invalid address
+# space error) in the test that compares saving with recomputing; which of the two steps
+# faulted is not known yet, so layers on flex keep recomputing until it is.
+FLEX_NOT_SAVED = ("attention on flex is recomputed, not kept: a CUDA fault seen with kept flex outputs and "
+                  "padding masks (torch 2.11) is not understood yet")
+
+
 @functools.lru_cache(maxsize=None)
 def saved_attention_ops() -> frozenset:
-    ops = [getattr(torch.ops.aten, name).default for name in _ATEN_ATTENTION if hasattr(torch.ops.aten, name)]
-    flex = getattr(torch.ops.higher_order, "flex_attention", None)
-    return frozenset(ops + ([flex] if flex is not None else []))
+    return frozenset(getattr(torch.ops.aten, name).default for name in _ATEN_ATTENTION if hasattr(torch.ops.aten, name))
 
 
 def save_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:

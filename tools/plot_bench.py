@@ -37,7 +37,8 @@ def plot_bench(data: dict, dst: str) -> None:
 
 
 def plot_max_seq(files: list[dict], dst: str) -> None:
-    rows = [r for data in files for r in data["rows"]]
+    # a row another file's run replaces (e.g. a wrong fit) says so and is not drawn
+    rows = [r for data in files for r in data["rows"] if "max_seq" in r and not r.get("superseded_by")]
     names = [r["variant"] + (f" ({'/'.join(r['attention_kernels'])} attention)" if r.get("attention_kernels") else "")
              for r in rows]
     ran = [r["max_seq"] / 1024 for r in rows]
