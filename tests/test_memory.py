@@ -124,3 +124,32 @@ def test_moe_routed_intermediate_not_saved_under_inductor():
     plain_bytes, tiled_bytes = sum(b for _, b in plain), sum(b for _, b in tiled)
     assert tiled_bytes < plain_bytes * 0.6, (tiled_bytes, plain_bytes)
     print(f"MoE saved for backward: inductor {plain_bytes / 2**20:.2f} MiB, tilepass+inductor {tiled_bytes / 2**20:.2f} MiB")
+
+
+def test_routed_attention_saves_no_dense_mask_under_inductor():
+    """Layer checkpointing makes transformers build a [B, 1, S, S] mask under compile, and
+    plain inductor keeps it for the backward; routed to SDPA's causal kernel, nothing of
+    that shape is saved. With save_attention the saved set grows by exactly each layer's
+    attention output and log-sum-exp, and nothing else."""
+    from tilepass.tiny_models import tiny_model
+
+    seq = 512
+    model = tiny_model("llama", attn_implementation="sdpa")  # 2 layers, 4 heads of 16
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 128, (2, seq))
+    saved = {}
+    for name, backend in (("inductor", "inductor"), ("tilepass", "tilepass"),
+                          ("save", tilepass.backend(save_attention=True))):
+        torch._dynamo.reset()
+        tilepass.reset()
+        fn = torch.compile(lambda i: model(input_ids=i).logits, backend=backend)
+        saved[name] = saved_for_backward(fn, model, ids)
+    dense = {name: [tuple(s) for s in shapes if tuple(s[-2:]) == (seq, seq)] for name, (_, shapes) in saved.items()}
+    assert dense == {"inductor": [(2, 1, seq, seq)], "tilepass": [], "save": []}
+    assert saved["tilepass"][0] < saved["inductor"][0] - 2 * seq * seq
+    out, lse = (2, 4, seq, 16), (2, 4, seq)
+    assert {tuple(s) for s in saved["save"][1]} - {tuple(s) for s in saved["tilepass"][1]} == {out, lse}
+    per_layer = (2 * 4 * seq * 16 + 2 * 4 * seq) * 4  # float32
+    extra = saved["save"][0] - saved["tilepass"][0]
+    # two layers' worth, give or take the recompute's bookkeeping (an RNG state per layer goes)
+    assert abs(extra - 2 * per_layer) <= 16 * 1024, extra
