@@ -16,10 +16,12 @@ def _bench(tmp_path, *args):
 
 
 def test_dense_smoke(tmp_path):
-    data = _bench(tmp_path, "--seqs", "48", "--variants", "eager,tilepass-mlp,tilepass,tilepass+flex,tilepass@16",
-                  "--ckpt", "both")
+    data = _bench(tmp_path, "--seqs", "48", "--variants",
+                  "eager,tilepass-mlp,tilepass,tilepass+flex,tilepass@16,tilepass+save", "--ckpt", "both")
     rows = {(r["variant"], r["ckpt"]): r for r in data["rows"]}
-    assert len(rows) == 10 and all(r["step_s"] > 0 for r in rows.values())
+    assert len(rows) == 12 and all(r["step_s"] > 0 for r in rows.values())
+    assert rows[("tilepass+save", True)]["saved_attention_layers"] == 2  # the checkpointed layers keep attention's outputs
+    assert rows[("tilepass+save", False)]["saved_attention_layers"] == 0  # no checkpoint, nothing to keep
     assert rows[("tilepass", True)]["tiled_regions"] == 2  # inside the checkpointed layers too
     assert rows[("tilepass@16", False)]["tiles"] == [3]
     # checkpointed layers read a dense causal mask under compile: the default routes it to SDPA's
@@ -130,3 +132,17 @@ def test_max_seq_fits_a_parabola_for_variants_with_a_dense_mask(monkeypatch, tmp
     max_seq.main(["--variants", "tilepass-mlp", "--probe", "32768", "65536", "--out", str(out)])
     [row] = json.loads(out.read_text())["rows"]
     assert row["error"] == "2 probes fit; the parabola needs 3" and "max_seq" not in row
+
+
+def test_profile_step_smoke(tmp_path):
+    """tools/profile_step.py on CPU: one profiled step per variant, the tiled ops counted."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import profile_step
+
+    eager, tiled = profile_step.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--model", "moe",
+                                      "--seq", "64", "--variants", "eager,tilepass", "--top", "3",
+                                      "--out", str(tmp_path)])
+    assert eager["tiled"] == {} and eager["wall_s"] > 0
+    assert tiled["tiled"]["tilepass::tiled_forward"][0] >= 1 and tiled["tiled"]["tilepass::tiled_backward"][0] == 1
+    assert (tmp_path / "profile_moe_tilepass.txt").read_text().strip()
+
