@@ -116,6 +116,24 @@ def test_cli_dump_and_explain(tmp_path):
     assert res.returncode == 2 and "unknown tilepass option 'num_tile'" in res.stderr
 
 
+def test_cli_checkpointed_layers_and_save_attention(tmp_path):
+    """--checkpoint runs the model as long-context training does (layer checkpointing): the
+    dump shows each layer's policy as a row, valid against the schema, and its page renders."""
+    res = _run(["-m", "tilepass", "dump", "--arch", "llama", "--seq", "24", "--checkpoint", "--downstream", "inductor",
+                "--option", "save_attention=true", "--out", str(tmp_path / "d")])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("rewritten  checkpoint") == 2 and "-> sdpa" in res.stdout
+    reports = [json.loads((g / "report.json").read_text()) for g in _graph_dirs(tmp_path / "d")]
+    for report in reports:
+        jsonschema.validate(report, REPORT_SCHEMA)
+    assert sorted(r["module"] for rep in reports for r in rep["regions"] if r["kind"] == "checkpoint") == [
+        "layers.0", "layers.1"]
+    pages = "".join((g / "graph.html").read_text() for g in _graph_dirs(tmp_path / "d"))
+    assert pages.count("attention's outputs kept for the backward") == 2
+    res = _run(["-m", "tilepass", "explain", "--arch", "llama", "--seq", "12", "--eval"], cwd=tmp_path)
+    assert "save_attention" not in res.stdout  # an opt-in pass that is off is not news
+
+
 def test_cli_local_config_json(tmp_path):
     cfg = tilepass.tiny_models.tiny_config("qwen3").to_dict()
     (tmp_path / "config.json").write_text(json.dumps(cfg))

@@ -3,6 +3,7 @@
     tilepass dump --arch llama --seq 64 --batch 2 --out tilepass_dump
     tilepass dump --config path/to/config.json --eval
     tilepass explain --arch mixtral --experts grouped_mm
+    tilepass explain --arch llama --checkpoint --downstream inductor --option save_attention=true
 
 The model is built from its config (no weights are downloaded), runs one forward (and
 backward with ``--train``, the default) under the backend, and a table of what was tiled
@@ -62,6 +63,8 @@ def run(args) -> list:
     import tilepass
 
     model = build_model(args)
+    if args.checkpoint:  # layers become tag_activation_checkpoint bodies, as in long-context training
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     options = _options(args)
     tilepass.Options.parse(options)  # a bad option fails here, not wrapped by Dynamo
     tilepass.reset()
@@ -83,7 +86,8 @@ def _passes_off(args) -> list[str]:
     opts = Options.parse(_options(args))
     lines = []
     for name, (_, switch) in PASSES.items():
-        if not opts.enabled(switch):
+        opt_in = Options.__dataclass_fields__[switch].default is False  # off unless asked: not news
+        if not opts.enabled(switch) and not opt_in:
             why = (f"downstream={opts.downstream!r}; flex attention is only fast under inductor, add --downstream inductor"
                    if switch == "attention" and opts.attention is None else f"{switch}={getattr(opts, switch)!r}")
             lines.append(f"pass {name}: off ({why})")
@@ -123,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         mode.add_argument("--eval", dest="train", action="store_false", help="forward only, eval mode")
         p.add_argument("--experts", choices=["grouped_mm", "batched_mm", "eager"], default=None,
                        help="transformers experts implementation for MoE models")
+        p.add_argument("--checkpoint", action="store_true",
+                       help="layer activation checkpointing (use_reentrant=False), as long-context training runs; "
+                            "with --option save_attention=true the layers keep attention's outputs")
         p.add_argument("--dtype", default="float32")
         p.add_argument("--downstream", default="aot_eager", help="tilepass downstream compiler (default aot_eager: fast)")
         p.add_argument("--option", action="append", metavar="KEY=VALUE", help="another tilepass option, e.g. num_tiles=4")

@@ -232,6 +232,8 @@ def render_html(report: dict, nodes: list[dict], stages: list[tuple[str, str]]) 
         if r["kind"] == "attention":
             detail = (f'routed to flex attention, BlockMask: {html.escape(r["pattern"])}' if r.get("kernel") == "flex"
                       else "routed to SDPA's fused kernels (is_causal)")
+        elif r["kind"] == "checkpoint":
+            detail = "checkpointed layer: attention's outputs kept for the backward, not recomputed (save_attention)"
         else:
             detail = (f'{r["tiles"]} tiles × ≤{r["tile_tokens"]} tokens of {r["tokens"]}; '
                       f'≈{r["saved_bytes"] / 2**20:.2f} MiB of activations not kept<br><span class="sub">{len(r["nodes"])} nodes → '
