@@ -3,10 +3,7 @@
 # the 4-layer dense bench (every variant, one process). Writes logs and JSON under $OUT.
 #   Needs .whl/liger_kernel-*.whl carried along (see tools/h200_bench.sh).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
+source tools/h200_env.sh  # $OUT, tilepass (and Liger, if carried) installed
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 timeout 200 python3 -m pytest -q -rs tests/test_attention.py -k "cuda ${TESTS_K:-}" -p no:logging > "$OUT/pytest_attention.log" 2>&1
 echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest_attention.log" | head -30

@@ -5,9 +5,7 @@
 #   3. the CUDA tests of attention routing and save_attention;
 #   4. the longest sequence of tilepass-mlp (16 layers; a parabola: it keeps the dense mask).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || export PYTHONPATH=$PWD
+source tools/h200_env.sh  # $OUT, tilepass (and Liger, if carried) installed
 timeout 200 python3 tools/diag_save_flex.py 2>&1 | grep -E "VERDICT|^    " | head -20
 timeout 80 python3 tools/diag_grad_precision.py --arch gemma2 --impl eager --force-softcap 2>&1 | grep -v -i "warn" | tail -11
 timeout ${TESTS_S:-170} python3 -m pytest -q -p no:logging tests/test_attention.py tests/test_save_attention.py -k cuda \

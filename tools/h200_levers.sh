@@ -5,9 +5,7 @@
 #   3. a profiled step of the MoE stack (1 layer, 64K): eager vs tilepass, top kernels.
 # Each stage has its own time limit, so one slow stage cannot take the others' time.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || export PYTHONPATH=$PWD
+source tools/h200_env.sh  # $OUT, tilepass (and Liger, if carried) installed
 timeout ${TESTS_S:-150} python3 -m pytest -q -rs -p no:logging tests/test_save_attention.py tests/test_attention.py \
   -k "cuda and (save or gemma2)" > "$OUT/pytest_levers.log" 2>&1
 echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^E  " "$OUT/pytest_levers.log" | head -20

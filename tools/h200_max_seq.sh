@@ -4,10 +4,7 @@
 # two longest runs, real steps up to --cap within the time budget (see tools/max_seq.py).
 #   Needs .whl/liger_kernel-*.whl carried along for the liger variant (see tools/h200_bench.sh).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
+source tools/h200_env.sh  # $OUT, tilepass (and Liger, if carried) installed
 timeout 90 python3 tools/diag_mask_program.py 2>&1 | grep -v -i warn | head -${DIAG_LINES:-12}
 if [ "${TESTS_S:-0}" -gt 0 ]; then
   timeout "$TESTS_S" python3 -m pytest -q -rs tests/test_attention.py -k "cuda ${TESTS_K:-}" -p no:logging > "$OUT/pytest_attention.log" 2>&1
