@@ -915,6 +915,8 @@ def _mask_case(kind):
             mask = causal & ((torch.full((b, s), 255, dtype=torch.uint8)[bi, ki] + 1) != 0)
         elif kind == "float rounding":  # 0.1 * 3 != 0.3 in float32 too, but differently
             mask = causal & ((torch.full((b, s), 0.1)[bi, ki] * 3) != 0.3)
+        elif kind == "int data times a float":  # folded 3 * 0.1 is float32 0.3 in torch, not Python's
+            mask = causal & ((torch.full((b, s), 3)[bi, ki] * 0.1) != 0.3)
         elif kind == "int32 wraps":
             mask = causal & ((torch.full((b, s), 2**31 - 1, dtype=torch.int32)[bi, ki] + 1) < 0)
         elif kind == "int & True":  # an int & 1 keeps the low bit: odd distances only
@@ -938,7 +940,7 @@ def _mask_case(kind):
     return f
 
 
-@pytest.mark.parametrize("kind", ["uint8 wraps", "float rounding", "int32 wraps", "int & True", "logical_and(int, True)",
+@pytest.mark.parametrize("kind", ["uint8 wraps", "float rounding", "int data times a float", "int32 wraps", "int & True", "logical_and(int, True)",
                                   "uint8 positions", "broadcast q", "broadcast kv", "x.logical_and(True), int x",
                                   "logical_and(x, folded int)", "add with alpha"])
 def test_near_causal_masks_keep_their_meaning(kind):

@@ -234,18 +234,26 @@ def lift_mask(mask: fx.Node, resolve: Resolve | None = None) -> MaskProgram:
             if getattr(example_value(n.args[other]), "dtype", None) == torch.bool:
                 env[n] = as_tensor(args[other])  # x & True is x, for a bool x (an int x & 1 keeps its low bit)
                 continue
-        if (constant or n.op == "call_method") and not isinstance(args[0], fx.Node):
-            args = (as_tensor(args[0]), *args[1:])  # a tensor op (or method) on a folded value
-        if n.op == "call_method" or getattr(n.target, "__module__", None) != "_operator":
-            # a folded value where the graph had a tensor, for ops that take no Python scalar
-            # there (torch.logical_and(x, True), x.logical_and(1))
-            args = tuple(as_tensor(a) if isinstance(a, (bool, int)) and isinstance(o, fx.Node) else a
-                         for a, o in zip(args, n.args))
+        args = tuple(as_tensor(a) if _keeps_tensor(n, constant, i, a) else a for i, a in enumerate(args))
         env[n] = graph.create_node(n.op, n.target, args, kwargs, name=n.name)
     graph.output(as_tensor(value(mask)))
     uses = frozenset(p.name for p in idx if p.users)
     return MaskProgram(fx.GraphModule(torch.nn.Module(), graph, class_name="MaskProgram"), data, uses,
                        {d: n for d, n in extent.items() if d in uses})
+
+
+def _keeps_tensor(n: fx.Node, all_folded: bool, i: int, a: Any) -> bool:
+    """Does argument ``i`` of ``n``, ``a`` in the mask program, have to be a tensor? Where
+    torch saw a tensor, the program keeps one: a method's self; the first input of an op
+    whose inputs all folded but which did not fold itself (torch's dtype rules compute it,
+    not Python's); a folded value passed to an op that takes no Python scalar there
+    (``torch.logical_and(x, True)``, ``x.logical_and(1)``)."""
+    if isinstance(a, fx.Node):
+        return False
+    if i == 0 and (all_folded or n.op == "call_method"):
+        return True
+    torch_op = n.op == "call_method" or getattr(n.target, "__module__", None) != "_operator"
+    return torch_op and isinstance(a, (bool, int)) and i < len(n.args) and isinstance(n.args[i], fx.Node)
 
 
 # kv_idx <= q_idx, spelled as Dynamo may record it: (op, kv side first?)
