@@ -146,3 +146,27 @@ def test_profile_step_smoke(tmp_path):
     assert tiled["tiled"]["tilepass::tiled_forward"][0] >= 1 and tiled["tiled"]["tilepass::tiled_backward"][0] == 1
     assert (tmp_path / "profile_moe_tilepass.txt").read_text().strip()
 
+
+
+def test_plots_of_the_committed_results(tmp_path):
+    """tools/plot_bench.py draws each kind of result file docs/benchmarks.md shows: lines
+    over lengths, bars at one length, and the longest-sequence chart over several files
+    (leaving out a row another file supersedes)."""
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import plot_bench
+
+    results = ROOT / "docs" / "results"
+    cases = {
+        "lines": [results / "bench_dense_h200_v2.json"],
+        "bars": [results / "bench_moe_defaults_h200.json"],
+        "max_seq": [results / "max_seq_dense_quadratic_h200.json", results / "max_seq_dense_more_h200.json"],
+    }
+    for name, sources in cases.items():
+        dst = tmp_path / f"{name}.png"
+        plot_bench.main(*map(str, sources), str(dst))
+        with Image.open(dst) as img:
+            assert img.size[0] > 500 and img.size[1] > 200, (name, img.size)
+    more = json.loads((results / "max_seq_dense_more_h200.json").read_text())
+    assert [r["variant"] for r in more["rows"] if r.get("superseded_by")] == ["compile"]

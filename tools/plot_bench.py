@@ -3,7 +3,8 @@
     python tools/plot_bench.py docs/results/bench_dense_h200.json docs/bench_dense_h200.png
     python tools/plot_bench.py docs/results/max_seq_a.json docs/results/max_seq_b.json docs/max_seq_h200.png
 
-bench.py rows: peak memory and step time per variant against the sequence length.
+bench.py rows: peak memory and step time per variant against the sequence length (bars,
+when every row has the same length).
 max_seq.py rows (several files may be given, the last argument is the image): per variant,
 the longest length a real step ran at, and the line's extrapolation from the two longest runs.
 """
@@ -18,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_bench(data: dict, dst: str) -> None:
     rows = [r for r in data["rows"] if not r.get("oom")]
+    if len({r["seq"] for r in rows}) == 1:
+        return plot_bars(data, rows, dst)
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
     for variant in dict.fromkeys(r["variant"] for r in rows):
         pts = sorted((r["seq"], r["peak_gib"], r["step_s"]) for r in rows if r["variant"] == variant)
@@ -32,6 +35,29 @@ def plot_bench(data: dict, dst: str) -> None:
     layers = rows[0]["layers"]
     shape = "Qwen3-30B-A3B-shaped MoE" if rows[0].get("model") == "moe" else "Llama-3.2-1B-shaped"
     fig.suptitle(f"{layers}-layer {shape} stack, bf16, layer checkpointing — {data['device']}, torch {data['torch']}")
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+
+
+def plot_bars(data: dict, rows: list[dict], dst: str) -> None:
+    """One sequence length: peak memory and step time per variant, as bars (eager's marked)."""
+    names = [r["variant"] for r in rows]
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 1.4 + 0.45 * len(rows)))
+    ys = range(len(rows))
+    for ax, key, unit in ((ax_mem, "peak_gib", "GiB"), (ax_time, "step_s", "s")):
+        values = [r[key] for r in rows]
+        ax.barh(ys, values, color=["#969696" if n == "eager" else "#2171b5" for n in names])
+        for y, v in zip(ys, values):
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+        ax.set_yticks(list(ys), names if ax is ax_mem else [""] * len(rows))
+        ax.invert_yaxis()
+        ax.set(xlabel=f"{'peak memory' if key == 'peak_gib' else 'fwd+bwd step time'} ({unit})",
+               xlim=(0, max(values) * 1.2))
+        ax.grid(axis="x", alpha=0.3)
+    layers, seq = rows[0]["layers"], rows[0]["seq"]
+    shape = "Qwen3-30B-A3B-shaped MoE" if rows[0].get("model") == "moe" else "Llama-3.2-1B-shaped"
+    fig.suptitle(f"{layers}-layer {shape} stack, {seq // 1024}K tokens, bf16, layer checkpointing\n"
+                 f"{data['device']}, torch {data['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 
