@@ -17,9 +17,11 @@ def _bench(tmp_path, *args):
 
 def test_dense_smoke(tmp_path):
     data = _bench(tmp_path, "--seqs", "48", "--variants",
-                  "eager,tilepass-mlp,tilepass,tilepass+flex,tilepass@16,tilepass+save", "--ckpt", "both")
+                  "eager,tilepass-mlp,tilepass,tilepass+flex,tilepass@16,tilepass+save,tilepass+save-nothing",
+                  "--ckpt", "both")
     rows = {(r["variant"], r["ckpt"]): r for r in data["rows"]}
-    assert len(rows) == 12 and all(r["step_s"] > 0 for r in rows.values())
+    assert len(rows) == 14 and all(r["step_s"] > 0 for r in rows.values())
+    assert rows[("tilepass+save-nothing", True)]["saved_attention_layers"] == 2  # the policy, keeping nothing
     assert rows[("tilepass+save", True)]["saved_attention_layers"] == 2  # the checkpointed layers keep attention's outputs
     assert rows[("tilepass+save", False)]["saved_attention_layers"] == 0  # no checkpoint, nothing to keep
     assert rows[("tilepass", True)]["tiled_regions"] == 2  # inside the checkpointed layers too
@@ -170,3 +172,30 @@ def test_plots_of_the_committed_results(tmp_path):
             assert img.size[0] > 500 and img.size[1] > 200, (name, img.size)
     more = json.loads((results / "max_seq_dense_more_h200.json").read_text())
     assert [r["variant"] for r in more["rows"] if r.get("superseded_by")] == ["compile"]
+
+
+def test_max_seq_picks_the_parabola_for_every_dense_mask_variant():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import max_seq
+
+    routed, unrouted = dict(attention_kernels=["sdpa"]), dict(attention_kernels=[])
+    assert max_seq.keeps_dense_mask("compile", routed) and max_seq.keeps_dense_mask("tilepass-mlp@4096", unrouted)
+    assert max_seq.keeps_dense_mask("tilepass", unrouted)  # routing declined: the mask stays
+    assert not max_seq.keeps_dense_mask("tilepass", routed) and not max_seq.keeps_dense_mask("eager", dict())
+
+
+
+def test_the_save_nothing_control_keeps_no_op_and_is_undone():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench
+    from tilepass import checkpoint_policy
+
+    real = checkpoint_policy.saved_attention_ops()
+    bench._keep_nothing(True)
+    try:
+        assert checkpoint_policy.saved_attention_ops() == frozenset()
+        assert checkpoint_policy.save_attention_context_fn().cache_hash != "tilepass.save_attention:" + ",".join(
+            sorted(map(str, real)))  # its graphs never come from the real policy's cache
+    finally:
+        bench._keep_nothing(False)
+    assert checkpoint_policy.saved_attention_ops() == real and real

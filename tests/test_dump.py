@@ -129,7 +129,8 @@ def test_cli_checkpointed_layers_and_save_attention(tmp_path):
     assert sorted(r["module"] for rep in reports for r in rep["regions"] if r["kind"] == "checkpoint") == [
         "layers.0", "layers.1"]
     pages = "".join((g / "graph.html").read_text() for g in _graph_dirs(tmp_path / "d"))
-    assert pages.count("attention's outputs kept for the backward") == 2
+    assert pages.count("the outputs of SDPA's fused kernels are kept for the backward") == 2
+    assert "2 regions tiled, 2 attention sites routed, 2 layers keeping attention's outputs" in pages
     res = _run(["-m", "tilepass", "explain", "--arch", "llama", "--seq", "12", "--eval"], cwd=tmp_path)
     assert "save_attention" not in res.stdout  # an opt-in pass that is off is not news
 

@@ -139,7 +139,16 @@ def test_the_policy_saves_attention_ops_only():
     policy = checkpoint_policy.save_attention_policy
     assert policy(None, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default) is CheckpointPolicy.MUST_SAVE
     assert policy(None, torch.ops.aten.mm.default) is CheckpointPolicy.PREFER_RECOMPUTE
-    assert checkpoint_policy.save_attention_context_fn().cache_hash  # AOTAutograd's cache keeps working
+    # AOTAutograd's cache keeps working, keyed by the ops kept: another set, another key
+    key = checkpoint_policy.save_attention_context_fn().cache_hash
+    assert "_scaled_dot_product_flash_attention_for_cpu" in key
+
+
+def test_the_cache_key_follows_the_ops_kept(monkeypatch):
+    """A policy keeping other ops must not reuse a graph AOTAutograd cached for this one."""
+    key = checkpoint_policy.save_attention_context_fn().cache_hash
+    monkeypatch.setattr(checkpoint_policy, "saved_attention_ops", lambda: frozenset())
+    assert checkpoint_policy.save_attention_context_fn().cache_hash != key
 
 
 def test_save_attention_must_be_a_bool():
@@ -220,3 +229,27 @@ def test_layers_whose_attention_runs_on_flex_keep_recomputing(monkeypatch):
     assert not any(checkpoint_policy.CONTEXT_FN_KEY in m.meta for m in gm.modules() if isinstance(m, fx.GraphModule))
     assert [(r.status, r.module, r.reason) for r in ctx.records if r.kind == "checkpoint"] == [
         ("rejected", f"layers.{i}", checkpoint_policy.FLEX_NOT_SAVED) for i in range(2)]
+
+
+def test_a_learnable_mask_keeps_recomputing():
+    """SDPA with a mask that requires grad runs its math path: nothing fused to keep, so the
+    layer gets no policy (the record would claim what does not happen), with the reason."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.bias = torch.nn.Linear(32, 96), torch.nn.Parameter(torch.randn(4, 12, 12) * 0.1)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(2, 12, 3, 4, 8).permute(2, 0, 3, 1, 4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias).sum(1)
+
+    attn = Attention()
+    x = torch.randn(2, 12, 32, requires_grad=True)
+    torch.compile(lambda x: checkpoint(attn, x, use_reentrant=False), backend="tilepass",
+                  options=dict(save_attention=True))(x).sum().backward()
+    assert not rewritten("checkpoint")
+    [r] = rejected("checkpoint")
+    assert r.reason.startswith("an attention mask here requires grad")
+

@@ -54,9 +54,15 @@ def save_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 def save_attention_context_fn():
     """The ``context_fn`` that puts :func:`save_attention_policy` on a checkpointed layer."""
     fn = functools.partial(create_selective_checkpoint_contexts, save_attention_policy)
-    # AOTAutograd's cache bypasses graphs whose policy has no hash; this one is a constant.
-    fn.cache_hash = "tilepass.save_attention_policy.v1"
+    fn.cache_hash = policy_hash()
     return fn
+
+
+def policy_hash() -> str:
+    """AOTAutograd's cache key for graphs under this policy (it bypasses the cache for a
+    policy without one): the ops it keeps, so a changed set never reuses a graph that was
+    partitioned for another."""
+    return "tilepass.save_attention:" + ",".join(sorted(str(op) for op in saved_attention_ops()))
 
 
 def has_policy(body: torch.fx.GraphModule) -> bool:

@@ -233,7 +233,8 @@ def render_html(report: dict, nodes: list[dict], stages: list[tuple[str, str]]) 
             detail = (f'routed to flex attention, BlockMask: {html.escape(r["pattern"])}' if r.get("kernel") == "flex"
                       else "routed to SDPA's fused kernels (is_causal)")
         elif r["kind"] == "checkpoint":
-            detail = "checkpointed layer: attention's outputs kept for the backward, not recomputed (save_attention)"
+            detail = ("checkpointed layer: the outputs of SDPA's fused kernels are kept for the backward, "
+                      "not recomputed (save_attention)")
         else:
             detail = (f'{r["tiles"]} tiles × ≤{r["tile_tokens"]} tokens of {r["tokens"]}; '
                       f'≈{r["saved_bytes"] / 2**20:.2f} MiB of activations not kept<br><span class="sub">{len(r["nodes"])} nodes → '
@@ -265,11 +266,18 @@ def render_html(report: dict, nodes: list[dict], stages: list[tuple[str, str]]) 
             f'<td>{f"<a href=#{rid}>{rid}</a>" if rid else ""}</td></tr>'
         )
     stage_links = " · ".join(f'<a href="{html.escape(f)}" style="color:#93c5fd">{html.escape(s)}</a>' for s, f in stages)
-    done, left = len(report["regions"]), len(report["rejected"])
+    kinds = [r["kind"] for r in report["regions"]]
+    tiled = sum(k in ("mlp", "moe") for k in kinds)
+    done = f"{tiled} region{'s' if tiled != 1 else ''} tiled"
+    if "attention" in kinds:
+        done += f", {kinds.count('attention')} attention site{'s' if kinds.count('attention') != 1 else ''} routed"
+    if "checkpoint" in kinds:
+        done += f", {kinds.count('checkpoint')} layer{'s' if kinds.count('checkpoint') != 1 else ''} keeping attention's outputs"
+    left = len(report["rejected"])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>tilepass graph {html.escape(report['compile_id'])}</title><style>{_CSS}</style></head>
 <body><header><h1>tilepass · graph {report['graph']} (compile id {html.escape(report['compile_id'] or '-')})</h1>
-<div>{done} region{'s' if done != 1 else ''} tiled, {left} candidate{'s' if left != 1 else ''} left as {'they were' if left != 1 else 'it was'} · torch {html.escape(report['torch'])} · stages: {stage_links}</div></header>
+<div>{done}, {left} candidate{'s' if left != 1 else ''} left as {'they were' if left != 1 else 'it was'} · torch {html.escape(report['torch'])} · stages: {stage_links}</div></header>
 <main><section id="nodes"><div class="legend"><span style="background:#c8f7c5">rewritten region</span><span style="background:#ffe1b3">rejected candidate</span></div>
 <p class="sub">{inputs} inputs (parameters, buffers, tensors) not shown; one row per op, in graph order.</p>
 <table><colgroup><col class="n"><col class="o"><col class="v"><col class="m"><col class="r"></colgroup>

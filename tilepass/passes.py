@@ -233,8 +233,10 @@ def _not_routable_here(site, kernel: str | None, device_type: str, training: boo
 
 
 def save_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
-    """Put a policy on a checkpointed layer that holds attention: its outputs are saved for
-    the backward instead of recomputed (see :mod:`tilepass.checkpoint_policy`)."""
+    """Put a policy on a checkpointed layer that holds attention: the outputs of SDPA's
+    fused kernels are saved for the backward instead of recomputed (see
+    :mod:`tilepass.checkpoint_policy`). SDPA picks its kernel at run time; a site it runs on
+    its math path keeps recomputing, which the record cannot see."""
     if ctx.root is None or gm is ctx.root:
         return 0
     calls = BodyInputs(ctx.root).calls.get(gm.graph) or []
@@ -250,6 +252,9 @@ def save_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
         reason = "this checkpointed layer already has a policy (a context_fn): left as set"
     elif any(n.target is attention_runtime.flex_sdpa for n in sites):
         reason = checkpoint_policy.FLEX_NOT_SAVED
+    elif any(_mask_requires_grad(n) for n in sites):
+        reason = ("an attention mask here requires grad: SDPA runs its math path, which has no fused output "
+                  "to keep; recomputed as before")
     if reason:
         ctx.records.append(Record("rejected", "checkpoint", module, "save_attention", ctx.graph_index,
                                   nodes=[n.name for n in sites], reason=reason))
@@ -258,6 +263,12 @@ def save_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     ctx.records.append(Record("rewritten", "checkpoint", module, "save_attention", ctx.graph_index,
                               nodes=[n.name for n in sites]))
     return 1
+
+
+def _mask_requires_grad(sdpa: fx.Node) -> bool:
+    mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+    value = tensor_value(mask) if isinstance(mask, fx.Node) else None
+    return value is not None and value.requires_grad
 
 
 # name -> (pass, the option that switches it); MoE first, so that a shared expert (a

@@ -19,9 +19,10 @@ replaced by Liger-Kernel's ``LigerTiledSwiGLUMLP``, the DeepSpeed/ALST TiledMLP
 algorithm; dense only); ``tilepass-mlp`` (MLP/MoE tiling alone, attention as transformers
 writes it); ``tilepass`` (the defaults: tiling, and attention routed: a plain causal mask to
 SDPA's fused kernels, others to flex); ``tilepass+flex`` (every attention site to flex
-attention); ``tilepass+save`` and ``tilepass+flex+save`` (those, with ``save_attention``:
-checkpointed layers keep attention's outputs instead of recomputing attention); any
-tilepass variant with ``@N``: N tokens per tile.
+attention); ``tilepass+save`` (the defaults with ``save_attention``: checkpointed layers
+keep attention's outputs instead of recomputing attention); ``tilepass+save-nothing`` (its
+control: the policy installed, keeping nothing); any tilepass variant with
+``@N``: N tokens per tile.
 """
 from __future__ import annotations
 
@@ -40,9 +41,14 @@ TILEPASS_VARIANTS = {
     "tilepass": {},  # the defaults: tiling, and attention routed (plain causal to SDPA's fused kernels)
     "tilepass+flex": dict(attention_kernel="flex"),  # every routed attention site to flex attention
     "tilepass+save": dict(save_attention=True),  # checkpointed layers keep attention's outputs
-    "tilepass+flex+save": dict(attention_kernel="flex", save_attention=True),
+    # a control for tilepass+save: the same policy installed, keeping nothing. Before torch
+    # 2.13 any policy moves a checkpointed layer onto the selective-checkpoint path; this
+    # row shows what that move alone does, apart from the outputs kept
+    "tilepass+save-nothing": dict(save_attention=True),
 }
+KEEPS_NOTHING = "tilepass+save-nothing"
 VARIANTS = ("eager", "compile", "liger", *TILEPASS_VARIANTS)
+_SAVED_OPS: dict = {}  # the real checkpoint_policy.saved_attention_ops, kept on first use
 
 
 def build_model(args):
@@ -83,6 +89,14 @@ def with_liger_mlps(model):
     return liger
 
 
+def _keep_nothing(on: bool) -> None:
+    """save_attention's policy keeps no op while on (the tilepass+save-nothing control)."""
+    from tilepass import checkpoint_policy
+
+    original = _SAVED_OPS.setdefault("ops", checkpoint_policy.saved_attention_ops)
+    checkpoint_policy.saved_attention_ops = (lambda: frozenset()) if on else original
+
+
 def make_step(model, variant, args):
     if variant == "eager":
         fn = model
@@ -95,6 +109,8 @@ def make_step(model, variant, args):
         if "@" in variant:
             opts["tile_tokens"] = int(variant.split("@")[1])
         fn = torch.compile(model, backend="tilepass", options=opts)
+        if variant.split("@")[0] == KEEPS_NOTHING:
+            _keep_nothing(True)
     else:
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}, or a tilepass one with @N "
                          "(N tokens per tile)")
@@ -165,6 +181,7 @@ def measure(model, variant, seq, ckpt, args):
         row["oom"] = True
     finally:
         del step
+        _keep_nothing(False)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

@@ -77,6 +77,13 @@ def predict_max(coeffs: list[float], budget: float, multiple: int) -> int:
 QUADRATIC_VARIANTS = ("compile", "tilepass-mlp")
 
 
+def keeps_dense_mask(variant: str, row: dict) -> bool:
+    """Does this variant's graph keep the dense [seq, seq] mask (a quadratic peak)? compile
+    and tilepass-mlp, with any tile size; a tilepass variant whose probes routed no site."""
+    base = variant.split("@")[0]
+    return base in QUADRATIC_VARIANTS or (base.startswith("tilepass") and not row.get("attention_kernels"))
+
+
 def _fit(points: list[tuple[int, float]], degree: int) -> list[float]:
     """The polynomial of ``degree`` through the ``degree + 1`` longest (seq, peak) points."""
     longest = sorted(points)[-(degree + 1):]
@@ -173,7 +180,7 @@ def main(argv=None):
         row = dict(variant=variant, layers=args.layers, budget_gib=budget,
                    probes=[(r["seq"], r.get("peak_gib"), r.get("step_s")) for r in probes],
                    attention_kernels=probes[-1].get("attention_kernels"))
-        degree = 2 if args.fit == "parabola" or (args.fit == "auto" and variant in QUADRATIC_VARIANTS) else 1
+        degree = 2 if args.fit == "parabola" or (args.fit == "auto" and keeps_dense_mask(variant, row)) else 1
         if len(ok) < degree + 1:
             row["error"] = f"{len(ok)} probes fit; the {'parabola' if degree == 2 else 'line'} needs {degree + 1}"
         else:
