@@ -82,6 +82,8 @@ def test_saved_attention_in_a_checkpointed_llama():
         assert ops.forwards_in_backward_graphs() == ((2, 0) if save else (4, 2)), ops.attention_ops()
     assert [(r.module, r.pattern) for r in rewritten("checkpoint")] == [
         ("layers.0", "save_attention"), ("layers.1", "save_attention")]
+    # named as in Dynamo's graph, like the attention rows: the dump page marks those nodes
+    assert [r.nodes for r in rewritten("checkpoint")] == [r.nodes for r in rewritten("attention")]
     assert_close_results(results[True], results[False], rtol=1e-10, atol=1e-10, what="saved vs recomputed")
     assert_close_results(results[True], want, rtol=1e-4, atol=1e-5, what="saved vs eager")  # float32 RoPE
     assert forwards == {False: (4, 2), True: (2, 2)}

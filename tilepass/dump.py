@@ -228,7 +228,10 @@ def render_html(report: dict, nodes: list[dict], stages: list[tuple[str, str]]) 
     for i, r in enumerate(report["regions"]):
         rid = f"r{i}"
         for n in r["nodes"]:
-            mark[n] = ("rewritten", rid)
+            if r["kind"] == "checkpoint":
+                mark.setdefault(n, ("rewritten", rid))  # its attention node's row stays the attention card's
+            else:
+                mark[n] = ("rewritten", rid)
         if r["kind"] == "attention":
             detail = (f'routed to flex attention, BlockMask: {html.escape(r["pattern"])}' if r.get("kernel") == "flex"
                       else "routed to SDPA's fused kernels (is_causal)")

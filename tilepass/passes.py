@@ -124,6 +124,9 @@ def tile_moes(gm: fx.GraphModule, ctx: PassContext) -> int:
     return _cleanup(gm, len(matches))
 
 
+REPLACES = "tilepass_replaces"  # node meta: the name of the node a routed call replaced
+
+
 def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     """Replace provably equivalent attention (SDPA with a dense mask, or the eager softmax
     form) with SDPA's fused causal kernels or flex attention over a BlockMask."""
@@ -165,6 +168,7 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
                     softcap=s.softcap, sinks=s.sinks))
                 ctx.inductor_patches.update(flex_versions.inductor_patches(training, qv.device.type))
         new.meta.update({k: v for k, v in s.node.meta.items() if k in ("example_value", "nn_module_stack", "stack_trace")})
+        new.meta[REPLACES] = s.node.name  # the node it stands for in Dynamo's graph (dumps, records)
         s.node.replace_all_uses_with(new)
         gm.graph.erase_node(s.node)  # an eager form's scores and weights go with the dead-code pass
         ctx.records.append(Record("rewritten", "attention", s.module, s.pattern, ctx.graph_index,
@@ -255,13 +259,13 @@ def save_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     elif any(_mask_requires_grad(n) for n in sites):
         reason = ("an attention mask here requires grad: SDPA runs its math path, which has no fused output "
                   "to keep; recomputed as before")
+    names = [n.meta.get(REPLACES, n.name) for n in sites]  # as Dynamo's graph (and the dump's page) names them
     if reason:
         ctx.records.append(Record("rejected", "checkpoint", module, "save_attention", ctx.graph_index,
-                                  nodes=[n.name for n in sites], reason=reason))
+                                  nodes=names, reason=reason))
         return 0
     checkpoint_policy.install(gm)
-    ctx.records.append(Record("rewritten", "checkpoint", module, "save_attention", ctx.graph_index,
-                              nodes=[n.name for n in sites]))
+    ctx.records.append(Record("rewritten", "checkpoint", module, "save_attention", ctx.graph_index, nodes=names))
     return 1
 
 
