@@ -100,8 +100,7 @@ def table(records: list) -> str:
     rows = [("status", "kind", "module", "pattern", "tiles", "saved MiB", "reason")]
     for r in records:
         saved = f"{r.saved_bytes / 2**20:.2f}" if r.saved_bytes is not None else ""
-        pattern = f"{r.pattern} -> {r.kernel}" if r.kernel else r.pattern  # routed attention: where it went
-        rows.append((r.status, r.kind, r.module or "<root>", pattern, str(r.tiles or ""), saved, r.reason or ""))
+        rows.append((r.status, r.kind, r.module or "<root>", r.shown_pattern, str(r.tiles or ""), saved, r.reason or ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for row in rows:

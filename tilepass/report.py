@@ -28,6 +28,11 @@ class Record:
     intermediate_bytes: int | None = None
     saved_bytes: int | None = None
 
+    @property
+    def shown_pattern(self) -> str:
+        """The pattern as people read it: a routed site also says where it runs ("... -> sdpa")."""
+        return f"{self.pattern} -> {self.kernel}" if self.kernel else self.pattern
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -53,18 +58,13 @@ def clear() -> None:
     _RECORDS.clear()
 
 
-def _detail(r: Record) -> str:
-    if r.tiles is not None:
-        return f", {r.tiles} tiles"
-    return f" -> {r.kernel}" if r.kernel else ""  # routed attention: where it runs
-
-
 def summarize(graph_index: int, records: list[Record]) -> str:
     done = [r for r in records if r.status == "rewritten"]
     rejected = [r for r in records if r.status == "rejected"]
     parts = [f"graph {graph_index}: rewrote {len(done)} region{'s' if len(done) != 1 else ''}"]
     if done:
-        parts.append(", ".join(f"{r.module or '<root>'} [{r.kind}:{r.pattern}{_detail(r)}]" for r in done))
+        parts.append(", ".join(f"{r.module or '<root>'} [{r.kind}:{r.shown_pattern}"
+                               f"{f', {r.tiles} tiles' if r.tiles is not None else ''}]" for r in done))
     if rejected:
         parts.append(
             f"left {len(rejected)}: " + "; ".join(f"{r.module or '<root>'}: {r.reason}" for r in rejected)
