@@ -42,6 +42,43 @@ def test_version_table_rows(monkeypatch, version, dynamic, pad, train_mode, lse)
     assert list(kwargs) == [lse]
 
 
+@pytest.mark.parametrize("version,device,multiple", [
+    ((2, 5, 1), "cuda", 128), ((2, 13, 0), "cuda", None), ((2, 5, 1), "cpu", 128), ((2, 13, 0), "cpu", 128),
+])
+def test_length_multiple_per_version_and_device(monkeypatch, version, device, multiple):
+    monkeypatch.setattr(compat, "TORCH_VERSION", version)
+    assert flex_versions.length_multiple(device) == multiple
+
+
+@pytest.mark.parametrize("multiple,seq", [(128, 40), (128, 77), (128, 200), (None, 128)])
+def test_compiled_flex_matches_sdpa_at_every_call(monkeypatch, multiple, seq):
+    """The CPU flex kernel (torch 2.13) got some rows wrong, at random, in about one call
+    in five at lengths below 128 that are 8 mod 16 (40 here): the runtime pads lengths to a
+    multiple of 128 on CPU. Twenty calls with fresh inputs must all match SDPA (a padded
+    batch and GQA, the padded row's queries included once they see a key). Without the
+    padding (multiple None) length 40 fails this test, and so does padding to 48."""
+    from tilepass.attention_runtime import flex_sdpa, register_mask
+
+    monkeypatch.setattr(flex_versions, "length_multiple", lambda device_type: multiple)
+    register_mask("test_padded_causal", lambda b, h, q_idx, kv_idx, keep: (kv_idx <= q_idx) & keep[b, kv_idx])
+
+    def attend(q, k, v, keep):
+        return flex_sdpa(q, k, v, [keep.to(torch.bool)], mask_key="test_padded_causal", causal=False, scale=0.25,
+                         enable_gqa=True, per_batch=True, per_head=False)
+
+    compiled = torch.compile(attend, dynamic=False)
+    keep = torch.ones(2, seq, dtype=torch.long)
+    keep[1, :5] = 0
+    dense = torch.ones(seq, seq, dtype=torch.bool).tril() & keep.bool()[:, None, None, :]
+    for _ in range(20):
+        q, k, v = torch.randn(2, 4, seq, 16), torch.randn(2, 2, seq, 16), torch.randn(2, 2, seq, 16)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.25, enable_gqa=True)
+        with torch.no_grad():
+            got = compiled(q, k, v, keep)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got[:, :, 5:], want[:, :, 5:], rtol=1e-5, atol=1e-5)
+
+
 def test_version_table_rejects_old_torch():
     with pytest.raises(RuntimeError, match="flex attention needs torch>=2.5"):
         flex_versions.flex_row((2, 4, 1))
@@ -305,14 +342,19 @@ def test_attention_is_off_by_default():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention training needs a GPU (no CPU backward)")
-@pytest.mark.parametrize("arch,impl,pad,ckpt,kernel", [
-    ("llama", "sdpa", False, False, "flex"), ("llama", "sdpa", True, True, "auto"), ("mistral", "sdpa", True, False, "auto"),
-    ("gemma2-nosoftcap", "eager", True, False, "auto"), ("gpt_oss", "eager", False, False, "auto"),
-    ("gpt_oss", "eager", True, False, "auto"),
+@pytest.mark.parametrize("arch,impl,pad,ckpt,kernel,seq", [
+    ("llama", "sdpa", False, False, "flex", 256), ("llama", "sdpa", True, True, "auto", 256),
+    ("mistral", "sdpa", True, False, "auto", 256),
+    ("gemma2", "eager", True, False, "auto", 256), ("gemma2", "eager", False, False, "auto", 256),
+    ("gemma2-nosoftcap", "eager", True, False, "auto", 256), ("gpt_oss", "eager", False, False, "auto", 256),
+    ("gpt_oss", "eager", True, False, "auto", 256),
     # plain causal: SDPA's fused kernel, from the dense mask and from the eager form in checkpointed layers
-    ("llama", "sdpa", False, True, "auto"), ("llama", "eager", False, True, "auto"),
+    ("llama", "sdpa", False, True, "auto", 256), ("llama", "eager", False, True, "auto", 256),
+    # lengths that are no multiple of flex's 128-token blocks (padded on CPU, not on CUDA)
+    ("mistral", "sdpa", True, False, "auto", 200), ("gemma2", "eager", True, False, "auto", 200),
+    ("gpt_oss", "eager", True, False, "auto", 200),
 ])
-def test_training_on_cuda_matches_sdpa(arch, impl, pad, ckpt, kernel):
+def test_training_on_cuda_matches_sdpa(arch, impl, pad, ckpt, kernel, seq):
     """Loss and every parameter gradient (GPT-OSS: the sinks' too) of a routed training
     step equal the unrouted model's (float32 on CUDA; flex and SDPA accumulate in
     different orders)."""
@@ -325,12 +367,16 @@ def test_training_on_cuda_matches_sdpa(arch, impl, pad, ckpt, kernel):
                 layer.self_attn.sinks.normal_(0, 2.0)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ids = torch.randint(3, 128, (2, 256), device="cuda")
-    am = torch.ones(2, 256, dtype=torch.long, device="cuda")
+    ids = torch.randint(3, 128, (2, seq), device="cuda")
+    am = torch.ones(2, seq, dtype=torch.long, device="cuda")
     am[1, :37] = 0
-    # padded positions labelled -100, as transformers' collators do: a row with every key
-    # masked is 0 in flex (and SDPA) but an average of all values in the eager softmax form
-    inputs = dict(input_ids=ids, attention_mask=am if pad else None, labels=ids.masked_fill(am == 0, -100) if pad else ids)
+    # A query row with every key masked (a left pad) is 0 in flex and SDPA, but the mean of
+    # all values in the eager softmax form: the two agree where the loss never reads such a
+    # row. Labelling the pads -100 is not enough: after the shift, the last pad predicts the
+    # first real token (docs/attention.md), so that label is dropped as well.
+    labels = ids.clone()
+    labels[1, :38] = -100
+    inputs = dict(input_ids=ids, attention_mask=am if pad else None, labels=labels if pad else ids)
     want_loss = model(**inputs).loss
     want_loss.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -346,8 +392,6 @@ def test_training_on_cuda_matches_sdpa(arch, impl, pad, ckpt, kernel):
 
 
 
-# Gemma 2 without its softcap: softcapped sites are not routed while training (see
-# test_softcap_is_not_routed_while_training), and this graph is a training graph
 @pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("mistral", "sdpa"), ("gemma2", "eager")])
 def test_checkpointed_layers_are_routed_with_the_mask_built_outside(monkeypatch, arch, impl):
     """Layer checkpointing puts each layer in a tag_activation_checkpoint body that receives
@@ -356,7 +400,7 @@ def test_checkpointed_layers_are_routed_with_the_mask_built_outside(monkeypatch,
     graph. The training graph is rewritten and run without gradients (CPU flex attention
     has no backward), against the same graph unrewritten."""
     monkeypatch.setattr(flex_versions, "flex_backward_supported", lambda device_type: True)
-    model = tiny_model(arch, attn_implementation=impl, **({"attn_logit_softcapping": None} if arch == "gemma2" else {}))
+    model = tiny_model(arch, attn_implementation=impl)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(3, 128, (2, 150))
     am = torch.ones(2, 150, dtype=torch.long)
@@ -434,22 +478,15 @@ def test_positions_from_an_arange_fold_to_a_plain_causal_mask():
         assert torch.equal(got.expand(1, 1, 40, 40)[0, 0], torch.ones(40, 40, dtype=torch.bool).tril())
 
 
-def test_softcap_is_not_routed_while_training(monkeypatch):
-    """Softcapped attention (Gemma 2) trained through flex on the H200 with gradients up to
-    5e-3 from eager's, unexplained: where a gradient flows such sites stay as they are, with
-    the reason, even where flex has a backward; without gradients they are routed."""
-    from tilepass.passes import SOFTCAP_IN_TRAINING
-
+def test_softcap_is_routed_while_training(monkeypatch):
+    """Gemma 2's softcap becomes a score_mod in training graphs too (where flex has a
+    backward): the rewritten training graph equals the captured one."""
     monkeypatch.setattr(flex_versions, "flex_backward_supported", lambda device_type: True)
     model = tiny_model("gemma2", attn_implementation="eager")
     ids = torch.randint(3, 128, (2, 40))
     gm, want, got, records = _rewrite_captured_graph(monkeypatch, model, dict(input_ids=ids), attention=True, mlp=False)
-    assert [(r.status, r.reason) for r in records] == [("rejected", SOFTCAP_IN_TRAINING)] * 2
-    assert torch.equal(got, want)
-    tilepass.reset()
-    with torch.no_grad():
-        torch.compile(model, backend="tilepass", options=dict(mlp=False))(input_ids=ids)
-    assert [r.pattern for r in rewritten("attention")] == ["eager+softcap(50)+mask(kv_idx,q_idx)"] * 2
+    assert [(r.status, r.pattern) for r in records] == [("rewritten", "eager+softcap(50)+mask(kv_idx,q_idx)")] * 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_eager_form_in_checkpointed_layers_is_declined_where_it_faults(monkeypatch):

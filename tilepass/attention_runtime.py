@@ -42,6 +42,26 @@ def _causal(b, h, q_idx, kv_idx):
     return kv_idx <= q_idx
 
 
+def _padded(q: Tensor, k: Tensor, v: Tensor, mask_mod, multiple: int):
+    """q, k, v zero-padded along the sequence to a multiple of ``multiple``, and a mask_mod
+    over the padded lengths: padded keys are masked, and the mask program only ever sees
+    indices of real positions (padded queries read the last row's, then are sliced off), so
+    the data it indexes is never read out of bounds."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+
+    def pad(t: Tensor, n: int) -> Tensor:
+        return torch.nn.functional.pad(t, (0, 0, 0, -n % multiple))  # [B, H, n→padded, D]
+
+    def padded_mask_mod(b, h, q_idx, kv_idx):
+        real = kv_idx < kv_len
+        if mask_mod is None:
+            return real
+        q_last, kv_last = torch.full_like(q_idx, q_len - 1), torch.full_like(kv_idx, kv_len - 1)
+        return real & mask_mod(b, h, torch.minimum(q_idx, q_last), torch.minimum(kv_idx, kv_last))
+
+    return pad(q, q_len), pad(k, kv_len), pad(v, kv_len), padded_mask_mod
+
+
 def flex_sdpa(
     q: Tensor,
     k: Tensor,
@@ -77,6 +97,11 @@ def flex_sdpa(
             return program(b, h, q_idx, kv_idx, *data)
     else:
         mask_mod = None
+    q_len, kv_len = q.shape[2], k.shape[2]
+    multiple = flex_versions.length_multiple(q.device.type)
+    padded = bool(multiple) and bool(q_len % multiple or kv_len % multiple)
+    if padded:
+        q, k, v, mask_mod = _padded(q, k, v, mask_mod, multiple)
     block_mask = None
     if mask_mod is not None:
         block_mask = create_block_mask(
@@ -92,7 +117,10 @@ def flex_sdpa(
         args = (q.contiguous(), k.contiguous(), v.contiguous())
         kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
         if sinks is None:
-            return flex_attention(*args, **kwargs)
+            out = flex_attention(*args, **kwargs)
+            return out[:, :, :q_len] if padded else out
         out, lse = flex_versions.unpack_lse(flex_attention(*args, **kwargs, **flex_versions.lse_kwargs()))
+    if padded:
+        out, lse = out[:, :, :q_len], lse[:, :, :q_len]
     keep = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))  # [B, H, Q]
     return (out.float() * keep.unsqueeze(-1)).to(out.dtype)

@@ -63,6 +63,23 @@ def inductor_patches(training: bool, device_type: str, version: tuple[int, ...] 
     return patches
 
 
+# The CPU flex template (torch 2.13) computes some rows wrong, at random from call to call
+# (identical calls differ), at some lengths below 128: 8, 24, 40, ..., 120 (4 to 22 calls in
+# 30 wrong, plain causal masks and padded ones alike), and 40 padded to 48. Every length
+# tried that is a multiple of 128 was right in every call, so CPU lengths are padded to one
+# (tests/test_attention.py::test_compiled_flex_matches_sdpa_at_every_call).
+CPU_LENGTH_MULTIPLE = 128
+
+
+def length_multiple(device_type: str, version: tuple[int, ...] | None = None) -> int | None:
+    """Pad query and key lengths to a multiple of this before flex attention (None: don't):
+    torch 2.5 needs it everywhere, the CPU kernel on every version."""
+    pad_to = flex_row(version).pad_to
+    if device_type == "cpu":
+        return pad_to or CPU_LENGTH_MULTIPLE
+    return pad_to
+
+
 def mask_buffers_must_be_realized(device_type: str) -> bool:
     """The CPU flex template finds no kernel when a mask_mod reads a tensor inductor has
     not materialised ("NoValidChoicesError: No choices exist for backend", torch 2.13), e.g.

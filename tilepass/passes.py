@@ -201,14 +201,6 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-# On the H200 (torch 2.11), Gemma 2 (eager form, softcap 50, padded batch) trained through flex
-# with its loss within 1e-4 of eager's but gradients up to 5e-3 apart (the tied embedding's,
-# v_proj's), far above float32 noise and not explained yet: such sites are left as they are
-# wherever a gradient flows, until a GPU run settles it (tools/diag_grad_precision.py).
-SOFTCAP_IN_TRAINING = ("attention logit softcapping while training: on the H200 its routed gradients differed "
-                       "from eager's by up to 5e-3 (Gemma 2), not explained yet; routed where no gradient flows")
-
-
 def _not_routable_here(site, kernel: str | None, device_type: str, training: bool, in_checkpoint: bool) -> str | None:
     """Why a provably equivalent site still is not routed on this device (None: it is)."""
     if kernel is None:
@@ -222,8 +214,6 @@ def _not_routable_here(site, kernel: str | None, device_type: str, training: boo
     if not (isinstance(q_len, int) and isinstance(kv_len, int)) and not flex_versions.symbolic_lengths_supported():
         return ("dynamic sequence length: routing it to flex attention is not supported yet (inductor fails on it); "
                 "torch.compile(..., dynamic=False) routes each length")
-    if training and site.softcap is not None:
-        return SOFTCAP_IN_TRAINING
     if training and not flex_versions.flex_backward_supported(device_type):
         return (f"flex attention cannot run a backward on {device_type} with this torch; "
                 "attention is routed there only where no gradient flows (eval, no_grad)")
