@@ -199,3 +199,26 @@ def test_the_save_nothing_control_keeps_no_op_and_is_undone():
     finally:
         bench._keep_nothing(False)
     assert checkpoint_policy.saved_attention_ops() == real and real
+
+
+def test_memory_peak_replays_the_allocator_trace():
+    """tools/memory_peak.py finds the peak of a trace and the blocks alive there (frees of
+    blocks allocated before the trace are ignored; a block freed before the peak is not alive)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import memory_peak
+
+    def alloc(addr, size):
+        return dict(action="alloc", addr=addr, size=size)
+
+    def free(addr, size):
+        return dict(action="free_completed", addr=addr, size=size)
+
+    events = [alloc(1, 10), free(99, 500), alloc(2, 30), free(1, 10), alloc(3, 5), alloc(4, 1), free(4, 1),
+              alloc(5, 20), free(2, 30), alloc(6, 40)]
+    peak, at, blocks = memory_peak.peak_live(events)
+    # totals: 10, 10, 40, 30, 35, 36, 35, 55, 25, 65: the peak is the last alloc
+    assert (peak, at) == (65, 9)
+    assert sorted(b["addr"] for b in blocks) == [3, 5, 6]
+    frames = [dict(filename=memory_peak.TORCH_DIR + "/x.py", line=1, name="inner"),
+              dict(filename=__file__, line=1, name="<module>")]
+    assert memory_peak.site(frames).startswith("test_bench.py:1 <module>: ")

@@ -22,7 +22,10 @@ SDPA's fused kernels, others to flex); ``tilepass+flex`` (every attention site t
 attention); ``tilepass+save`` (the defaults with ``save_attention``: checkpointed layers
 keep attention's outputs instead of recomputing attention); ``tilepass+save-nothing`` (its
 control: the policy installed, keeping nothing); any tilepass variant with
-``@N``: N tokens per tile.
+``@N``: N tokens per tile. Any variant with ``+cudnn`` last (``eager+cudnn``,
+``tilepass+save+cudnn``) runs with SDPA restricted to its cuDNN kernel (CUDA only): the
+compiled graph then holds cuDNN attention, picked when it is traced, so a row proves the
+kernel ran (SDPA raises where cuDNN cannot take the call).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ TILEPASS_VARIANTS = {
 }
 KEEPS_NOTHING = "tilepass+save-nothing"
 VARIANTS = ("eager", "compile", "liger", *TILEPASS_VARIANTS)
+CUDNN = "+cudnn"  # a modifier of any variant: SDPA on cuDNN's kernel alone
 _SAVED_OPS: dict = {}  # the real checkpoint_policy.saved_attention_ops, kept on first use
 
 
@@ -98,32 +102,46 @@ def _keep_nothing(on: bool) -> None:
 
 
 def make_step(model, variant, args):
+    cudnn = variant.endswith(CUDNN)
+    variant = variant.removesuffix(CUDNN)
+    if cudnn and args.device != "cuda":
+        raise ValueError(f"{CUDNN!r} restricts SDPA to cuDNN's kernel, which needs CUDA (device is {args.device!r})")
+    name, _, tile_tokens = variant.partition("@")
     if variant == "eager":
         fn = model
     elif variant == "compile":
         fn = torch.compile(model)
     elif variant == "liger":
         model = fn = with_liger_mlps(model)
-    elif variant.split("@")[0] in TILEPASS_VARIANTS:
-        opts = dict(TILEPASS_VARIANTS[variant.split("@")[0]])
-        if "@" in variant:
-            opts["tile_tokens"] = int(variant.split("@")[1])
+    elif name in TILEPASS_VARIANTS:
+        opts = dict(TILEPASS_VARIANTS[name])
+        if tile_tokens:
+            opts["tile_tokens"] = int(tile_tokens)
         fn = torch.compile(model, backend="tilepass", options=opts)
-        if variant.split("@")[0] == KEEPS_NOTHING:
+        if name == KEEPS_NOTHING:
             _keep_nothing(True)
     else:
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}, or a tilepass one with @N "
-                         "(N tokens per tile)")
+                         f"(N tokens per tile); any of them with {CUDNN!r} last")
 
     def step(ids):
-        hidden = fn(input_ids=ids).last_hidden_state
-        loss = hidden.float().pow(2).mean()
-        loss.backward()
+        with _sdpa_on_cudnn(cudnn):
+            hidden = fn(input_ids=ids).last_hidden_state
+            loss = hidden.float().pow(2).mean()
+            loss.backward()
         for p in model.parameters():
             p.grad = None
         return loss
 
     return step
+
+
+def _sdpa_on_cudnn(on: bool):
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if on else contextlib.nullcontext()
 
 
 def sync(device):
