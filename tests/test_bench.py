@@ -152,8 +152,8 @@ def test_profile_step_smoke(tmp_path):
 
 def test_plots_of_the_committed_results(tmp_path):
     """tools/plot_bench.py draws each kind of result file docs/benchmarks.md shows: lines
-    over lengths, bars at one length, and the longest-sequence chart over several files
-    (leaving out a row another file supersedes)."""
+    over lengths, bars at one length, the longest-sequence chart over several files
+    (leaving out a row another file supersedes), and what is alive at a step's peak."""
     from PIL import Image
 
     sys.path.insert(0, str(ROOT / "tools"))
@@ -164,6 +164,7 @@ def test_plots_of_the_committed_results(tmp_path):
         "lines": [results / "bench_dense_h200_v2.json"],
         "bars": [results / "bench_moe_defaults_h200.json"],
         "max_seq": [results / "max_seq_dense_quadratic_h200.json", results / "max_seq_dense_more_h200.json"],
+        "memory_peak": [results / "memory_peak_dense_h200.json"],
     }
     for name, sources in cases.items():
         dst = tmp_path / f"{name}.png"
@@ -222,3 +223,15 @@ def test_memory_peak_replays_the_allocator_trace():
     frames = [dict(filename=memory_peak.TORCH_DIR + "/x.py", line=1, name="inner"),
               dict(filename=__file__, line=1, name="<module>")]
     assert memory_peak.site(frames).startswith("test_bench.py:1 <module>: ")
+
+
+def test_memory_peak_kinds():
+    """The peak chart's labels, from memory_peak.py's allocation sites."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import plot_bench
+
+    assert plot_bench.peak_kind("c1.py:9 call: buf7 = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(") \
+        == "attention backward"
+    assert plot_bench.peak_kind("runtime.py:176 run_tiled_backward: tile_grads = ...") == "tiled MLP (tilepass runtime)"
+    assert plot_bench.peak_kind("activations.py:103 forward: return nn.functional.silu(input)") == "MLP"
+    assert plot_bench.peak_kind("(no frame outside torch)") == "autograd engine (backward buffers)"

@@ -7,6 +7,7 @@ bench.py rows: peak memory and step time per variant against the sequence length
 when every row has the same length).
 max_seq.py rows (several files may be given, the last argument is the image): per variant,
 the longest length a real step ran at, and the line's extrapolation from the two longest runs.
+memory_peak.py rows: per variant, what is alive at the step's peak, stacked by kind.
 """
 import json
 import sys
@@ -87,11 +88,51 @@ def plot_max_seq(files: list[dict], dst: str) -> None:
     fig.savefig(dst, dpi=110)
 
 
+def peak_kind(site: str) -> str:
+    """A coarse label for an allocation site of tools/memory_peak.py."""
+    if "attention_backward" in site:
+        return "attention backward"
+    if "attention" in site:
+        return "attention output, lse"
+    if site.startswith("runtime.py"):
+        return "tiled MLP (tilepass runtime)"
+    if site.startswith(("modeling_", "activations.py")) and ("mlp" in site or "proj" in site or "silu" in site):
+        return "MLP"
+    if site.startswith("(no frame"):
+        return "autograd engine (backward buffers)"
+    return "other activations"
+
+
+def plot_memory_peak(data: dict, dst: str) -> None:
+    rows = data["rows"]
+    kinds: dict[str, list[float]] = {}
+    for i, r in enumerate(rows):
+        for t in r["top"]:
+            kinds.setdefault(peak_kind(t["site"]), [0.0] * len(rows))[i] += t["mib"] / 1024
+    kinds["smaller blocks"] = [r["step_peak_gib"] - sum(t["mib"] for t in r["top"]) / 1024 for r in rows]
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.9 * len(rows)))
+    left = [0.0] * len(rows)
+    names = [r["variant"] for r in rows]
+    for kind, gib in kinds.items():
+        ax.barh(names, gib, left=left, label=kind)
+        left = [a + b for a, b in zip(left, gib)]
+    ax.set(xlabel="GiB alive at the step's peak, above the weights", title="what is alive at the peak")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{rows[0]['layers']}-layer stack, {rows[0]['seq'] // 1024}K tokens, layer checkpointing — "
+                 f"{data['device']}, torch {data['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+
+
 def main(*paths: str) -> None:
     *srcs, dst = paths
     files = [json.load(open(s)) for s in srcs]
     if "probes" in files[0]["rows"][0]:
         plot_max_seq(files, dst)
+    elif "top" in files[0]["rows"][0]:
+        plot_memory_peak(files[0], dst)
     else:
         plot_bench(files[0], dst)
 
