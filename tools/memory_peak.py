@@ -91,6 +91,7 @@ def record(model, variant: str, seq: int, args) -> dict:
                top=[dict(site=s, mib=sum(sizes) / MIB, blocks=len(sizes), sizes_mib=sorted({round(x / MIB, 1) for x in sizes}))
                     for s, sizes in top])
     del step
+    bench._keep_nothing(False)  # the tilepass+save-nothing control patches the policy while it runs
     torch.cuda.empty_cache()
     return row
 
