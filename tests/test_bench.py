@@ -235,3 +235,18 @@ def test_memory_peak_kinds():
     assert plot_bench.peak_kind("runtime.py:176 run_tiled_backward: tile_grads = ...") == "tiled MLP (tilepass runtime)"
     assert plot_bench.peak_kind("activations.py:103 forward: return nn.functional.silu(input)") == "MLP"
     assert plot_bench.peak_kind("(no frame outside torch)") == "autograd engine (backward buffers)"
+
+
+def test_cudnn_modifier_needs_cuda_and_unknown_variants_name_the_valid_ones():
+    import types
+
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench
+
+    cpu = types.SimpleNamespace(device="cpu")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        bench.make_step(None, "tilepass+save+cudnn", cpu)
+    with pytest.raises(ValueError, match=r"valid: eager, compile, liger, tilepass-mlp.*'\+cudnn' last"):
+        bench.make_step(None, "tilepass+bogus", cpu)
