@@ -95,12 +95,15 @@ def _passes_off(args) -> list[str]:
 
 
 def table(records: list) -> str:
+    from .report import logits_note
+
     if not records:
         return "no candidate regions found"
     rows = [("status", "kind", "module", "pattern", "tiles", "saved MiB", "reason")]
     for r in records:
         saved = f"{r.saved_bytes / 2**20:.2f}" if r.saved_bytes is not None else ""
-        rows.append((r.status, r.kind, r.module or "<root>", r.shown_pattern, str(r.tiles or ""), saved, r.reason or ""))
+        rows.append((r.status, r.kind, r.module or "<root>", r.shown_pattern, str(r.tiles or ""), saved,
+                     r.reason or logits_note(r)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for row in rows:

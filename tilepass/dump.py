@@ -56,11 +56,11 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "required": ["kind", "pattern", "module", "nodes", "tiles", "tile_tokens", "tokens",
                              "intermediate_bytes", "saved_bytes", "region_key"],
-                "if": {"properties": {"kind": {"enum": ["mlp", "moe"]}}},
+                "if": {"properties": {"kind": {"enum": ["mlp", "moe", "loss"]}}},
                 "then": {"properties": {"tiles": {"type": "integer"}, "tile_tokens": {"type": "integer"},
                                         "intermediate_bytes": {"type": "integer"}, "saved_bytes": {"type": "integer"}}},
                 "properties": {
-                    "kind": {"enum": ["mlp", "moe", "attention", "checkpoint"]},
+                    "kind": {"enum": ["mlp", "moe", "loss", "attention", "checkpoint"]},
                     "pattern": {"type": "string"},
                     "module": {"type": "string"},
                     "nodes": {"type": "array", "items": {"type": "string"}, "minItems": 1},
@@ -71,6 +71,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "saved_bytes": {"type": ["integer", "null"], "minimum": 0},
                     "region_key": {"type": ["string", "null"]},
                     "kernel": {"enum": ["sdpa", "flex", None]},  # routed attention's kernel
+                    "logits_bytes": {"type": ["integer", "null"], "minimum": 0},  # a loss region's kept logits
                 },
             },
         },
@@ -80,7 +81,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "required": ["kind", "pattern", "module", "nodes", "reason"],
                 "properties": {
-                    "kind": {"enum": ["mlp", "moe", "attention", "checkpoint"]},
+                    "kind": {"enum": ["mlp", "moe", "loss", "attention", "checkpoint"]},
                     "reason": {"type": "string", "minLength": 1},
                     "nodes": {"type": "array", "items": {"type": "string"}},
                 },
@@ -178,7 +179,7 @@ def build_report(records: list, options: Any, compile_id: str, graph_index: int)
         if r.status == "rewritten":
             regions.append({k: getattr(r, k) for k in (
                 "kind", "pattern", "module", "nodes", "tiles", "tile_tokens", "tokens",
-                "intermediate_bytes", "saved_bytes", "region_key", "kernel")})
+                "intermediate_bytes", "saved_bytes", "region_key", "kernel", "logits_bytes")})
         else:
             rejected.append({k: getattr(r, k) for k in ("kind", "pattern", "module", "nodes", "reason")})
     return {
@@ -239,9 +240,12 @@ def render_html(report: dict, nodes: list[dict], stages: list[tuple[str, str]]) 
             detail = ("checkpointed layer: the outputs of SDPA's fused kernels are kept for the backward, "
                       "not recomputed (save_attention)")
         else:
+            op = "tiled_loss" if r["kind"] == "loss" else "tiled_forward"
+            kept = (f'; the graph still returns {r["logits_bytes"] / 2**20:.2f} MiB of logits (skip_logits=True drops them)'
+                    if r.get("logits_bytes") else "")
             detail = (f'{r["tiles"]} tiles × ≤{r["tile_tokens"]} tokens of {r["tokens"]}; '
-                      f'≈{r["saved_bytes"] / 2**20:.2f} MiB of activations not kept<br><span class="sub">{len(r["nodes"])} nodes → '
-                      f'tilepass::tiled_forward({html.escape(r["region_key"] or "")})</span>')
+                      f'≈{r["saved_bytes"] / 2**20:.2f} MiB of activations not kept{kept}<br><span class="sub">{len(r["nodes"])} nodes → '
+                      f'tilepass::{op}({html.escape(r["region_key"] or "")})</span>')
         cards.append(
             f'<div class="card rewritten" id="{rid}" data-region="{rid}"><b>{html.escape(r["kind"])}: {html.escape(r["pattern"])}</b><br>'
             f'{html.escape(r["module"] or "<root>")}<br>{detail}</div>'
@@ -270,7 +274,7 @@ def render_html(report: dict, nodes: list[dict], stages: list[tuple[str, str]]) 
         )
     stage_links = " · ".join(f'<a href="{html.escape(f)}" style="color:#93c5fd">{html.escape(s)}</a>' for s, f in stages)
     kinds = [r["kind"] for r in report["regions"]]
-    tiled = sum(k in ("mlp", "moe") for k in kinds)
+    tiled = sum(k in ("mlp", "moe", "loss") for k in kinds)
     done = f"{tiled} region{'s' if tiled != 1 else ''} tiled"
     if "attention" in kinds:
         done += f", {kinds.count('attention')} attention site{'s' if kinds.count('attention') != 1 else ''} routed"

@@ -30,6 +30,13 @@ class Options:
     mlp: bool = True
     #: Rewrite MoE blocks (router + experts + combine, optional shared expert).
     moe: bool = True
+    #: Rewrite the LM head + cross-entropy of a causal-LM loss into one tiled region: the
+    #: full-sequence logits, their float32 copy and their gradient never exist.
+    loss: bool = True
+    #: Where the loss is computed in the graph and gradients flow, return ``None`` for the
+    #: logits it reads (``CausalLMOutput.logits``) instead of materialising them
+    #: (``[tokens, vocab]`` in the model's dtype). Default: the logits are kept, exactly.
+    skip_logits: bool = False
     #: Route attention (SDPA, or the eager softmax form) to flex attention with a BlockMask
     #: (causal, sliding window, padding, packed documents, softcap, GPT-OSS sinks).
     #: ``None`` (default): on when ``downstream`` is inductor (flex is only fast compiled),
@@ -85,7 +92,7 @@ class Options:
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise OptionsError(f"tilepass option 'attention_kernel' must be one of "
                                f"{', '.join(map(repr, ATTENTION_KERNELS))}, got {self.attention_kernel!r}")
-        for name in ("mlp", "moe", "attention", "save_attention", "accumulate_fp32"):
+        for name in ("mlp", "moe", "loss", "skip_logits", "attention", "save_attention", "accumulate_fp32"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "attention" and value is None):
                 raise OptionsError(f"tilepass option {name!r} must be True or False"

@@ -8,6 +8,7 @@ option switch is off.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import time
 from typing import Callable
 
@@ -15,17 +16,18 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from . import attention_runtime, checkpoint_policy, flex_versions, runtime
+from . import attention_runtime, checkpoint_policy, flex_versions, loss_runtime, runtime
+from .match_loss import LossMatch, find_losses
 from .match_attention import AttentionSite, find_attention, is_plain_causal, same_size
 from .fx_utils import autocast_state, common_module, hint, op_name, remove_dead_nodes, tensor_value
 from .hop_inputs import BodyInputs
 from .match_mlp import find_mlps
 from .match_moe import find_moes
 from .options import Options, default_num_tiles
-from .region import build_layout_program, build_tile_program, program_key
+from .region import build_layout_program, build_loss_program, build_tile_program, program_key
 from .rowwise import projection_input
 from .report import Record, logger
-from .rewrite import splice_tiled_region
+from .rewrite import hoist_before, splice_tiled_region
 
 
 @dataclasses.dataclass
@@ -122,6 +124,85 @@ def tile_moes(gm: fx.GraphModule, ctx: PassContext) -> int:
         _tile_region(gm, ctx, "moe", m, program, specs, autocast.get(m.nodes[0]), m.num_tokens,
                      m.expanded_width, m.outputs, m.nodes)
     return _cleanup(gm, len(matches))
+
+
+def tile_losses(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """Rewrite every LM head + cross-entropy into one tiled loss region (see
+    :mod:`tilepass.loss_runtime`): the full-sequence logits are computed only where the
+    graph also returns them, in the model's dtype, and dropped with ``skip_logits``."""
+    matches, rejections = find_losses(gm.graph)
+    autocast = autocast_state(gm.graph)
+    _reject(ctx, "loss", rejections)
+    for m in matches:
+        _tile_loss(gm, ctx, m, autocast.get(m.head))
+    return _cleanup(gm, len(matches))
+
+
+def _tile_loss(gm: fx.GraphModule, ctx: PassContext, m: LossMatch, cast) -> None:
+    graph = gm.graph
+    loss_value, src = tensor_value(m.loss), tensor_value(m.source)
+    loss_kwargs = dict(ignore_index=m.ignore_index, reduction="sum", label_smoothing=m.label_smoothing)
+    program = build_loss_program(m.chain, m.source, m.params, m.num_tokens, F.cross_entropy, loss_kwargs)
+    spec = runtime.OutputSpec((), loss_value.dtype)
+    key = program_key("loss", program, (cast, ctx.options.accumulate_fp32))
+    runtime.register_region(key, runtime.RegisteredRegion(program, (spec,), cast, ctx.options.accumulate_fp32))
+    ctx.programs[key] = program.code
+    tokens = hint(m.num_tokens)
+    num_tiles, tile_tokens = resolve_tiles(ctx.options, tokens, m.in_features, m.vocab)
+    needs_grad = [bool(src.requires_grad)] + [bool(getattr(tensor_value(p), "requires_grad", False)) for p in m.params]
+    meta = {k: m.head.meta[k] for k in ("nn_module_stack",) if k in m.head.meta}
+    divisor = _loss_divisor(m)
+    if isinstance(divisor, fx.Node):
+        hoist_before(graph, m.loss, [divisor])  # `num_items_in_batch.to(device)` follows the loss
+    with graph.inserting_before(m.loss):
+        x2d = graph.call_method("reshape", (m.source, -1, m.in_features))
+        target = graph.call_method("reshape", (m.target, -1))
+        if m.reduction == "mean":  # as F.cross_entropy's mean: over the rows not ignored
+            divisor = graph.call_method("sum", (graph.call_method("ne", (target, m.ignore_index)),))
+        scale = graph.call_function(torch.ones, ((),), dict(dtype=loss_value.dtype, device=src.device))
+        if divisor is not None:
+            scale = graph.call_function(operator.truediv, (scale, divisor))
+        call = graph.call_function(loss_runtime.tiled_loss._opoverload,
+                                   (key, x2d, target, scale, list(m.params), num_tiles, tile_tokens, needs_grad))
+        total = graph.call_function(operator.getitem, (call, 0))
+        result = graph.call_function(operator.truediv, (total, divisor)) if m.reduction == "mean" else total
+    x2d.meta.update(meta, example_value=src.reshape(-1, m.in_features))
+    target.meta.update(example_value=tensor_value(m.target).reshape(-1))
+    total.meta.update(meta, example_value=loss_value)
+    result.meta.update(meta, example_value=loss_value)
+    m.loss.replace_all_uses_with(result)
+    outside = m.read_outside()
+    training = any(needs_grad)
+    if ctx.options.skip_logits and training:
+        _drop_returned(graph, outside)
+        outside = m.read_outside()
+    sizes = runtime.tile_sizes(tokens, num_tiles, tile_tokens)
+    inter = sum(_nbytes(tensor_value(n)) for n in m.chain)
+    kept = sum(_nbytes(tensor_value(n)) for n in outside)
+    ctx.records.append(Record(
+        "rewritten", "loss", m.module, m.pattern, ctx.graph_index, tiles=len(sizes),
+        tile_tokens=max(sizes) if sizes else 0, tokens=tokens, nodes=[n.name for n in m.nodes],
+        region_key=key, intermediate_bytes=inter, logits_bytes=kept,
+        saved_bytes=max(0, inter - kept - (inter * max(sizes) // tokens if tokens else 0)),
+    ))
+
+
+def _loss_divisor(m: LossMatch):
+    """What a summed loss is divided by next (``/ num_items_in_batch``, as transformers'
+    Trainer passes it), or None: the gradient the loss is expected to get is its inverse."""
+    users = list(m.loss.users)
+    if m.reduction == "sum" and len(users) == 1 and users[0].op == "call_function" \
+            and users[0].target in (operator.truediv, torch.div) and len(users[0].args) == 2 \
+            and users[0].args[0] is m.loss and not users[0].kwargs:
+        return users[0].args[1]
+    return None
+
+
+def _drop_returned(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """``None`` in the graph's outputs in place of ``nodes`` (skip_logits: Liger's semantics)."""
+    drop = set(nodes)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    output.args = fx.node.map_arg(output.args, lambda n: None if n in drop else n)
 
 
 REPLACES = "tilepass_replaces"  # node meta: the name of the node a routed call replaced
@@ -270,6 +351,7 @@ def _mask_requires_grad(sdpa: fx.Node) -> bool:
 PASSES: dict[str, tuple[Pass, str]] = {
     "moe": (tile_moes, "moe"),
     "mlp": (tile_mlps, "mlp"),
+    "loss": (tile_losses, "loss"),
     "attention": (route_attention, "attention"),
     "save_attention": (save_attention, "save_attention"),
 }

@@ -134,3 +134,28 @@ def build_layout_program(
     graph.output(tuple(results))
     graph.lint()
     return fx.GraphModule(torch.nn.Module(), graph, class_name="TileProgram")
+
+
+def build_loss_program(
+    chain: Sequence[fx.Node],
+    source: fx.Node,
+    params: Sequence[fx.Node],
+    num_tokens: Any,
+    loss_fn: Any,
+    loss_kwargs: dict,
+) -> fx.GraphModule:
+    """A tile program ``fn(x, target, *params) -> (loss,)`` for an LM head + loss: the
+    ``chain`` (projection, then row-wise ops) copied as :func:`build_tile_program` does,
+    then ``loss_fn(logits, target, **loss_kwargs)`` on the tile."""
+    program = build_tile_program(chain, {source}, params, [chain[-1]], num_tokens)
+    graph = program.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[0]):
+        target = graph.placeholder("target")
+    output = next(n for n in graph.nodes if n.op == "output")
+    (logits,) = output.args[0]
+    with graph.inserting_before(output):
+        loss = graph.call_function(loss_fn, (logits, target), dict(loss_kwargs))
+    output.args = ((loss,),)
+    graph.lint()
+    return fx.GraphModule(torch.nn.Module(), graph, class_name="LossTileProgram")

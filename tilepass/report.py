@@ -11,7 +11,7 @@ logger = logging.getLogger("tilepass")
 @dataclasses.dataclass
 class Record:
     status: str  # "rewritten" | "rejected"
-    kind: str  # "mlp"
+    kind: str  # "mlp", "moe", "loss", "attention", "checkpoint"
     module: str  # dotted module path, e.g. "model.layers.0.mlp"
     pattern: str  # "swiglu", "geglu", "fused_gate_up_swiglu", "mlp_gelu_tanh", ...
     graph: int  # index of the compiled graph (in compile order since the last reset)
@@ -27,6 +27,9 @@ class Record:
     # activation bytes tiling saves (intermediates minus one tile's worth).
     intermediate_bytes: int | None = None
     saved_bytes: int | None = None
+    # A loss region: bytes of the logits the graph still returns ([tokens, vocab] in the
+    # model's dtype; 0 when skip_logits dropped them).
+    logits_bytes: int | None = None
 
     @property
     def shown_pattern(self) -> str:
@@ -64,9 +67,16 @@ def summarize(graph_index: int, records: list[Record]) -> str:
     parts = [f"graph {graph_index}: rewrote {len(done)} region{'s' if len(done) != 1 else ''}"]
     if done:
         parts.append(", ".join(f"{r.module or '<root>'} [{r.kind}:{r.shown_pattern}"
-                               f"{f', {r.tiles} tiles' if r.tiles is not None else ''}]" for r in done))
+                               f"{f', {r.tiles} tiles' if r.tiles is not None else ''}{', ' + logits_note(r) if r.logits_bytes else ''}]" for r in done))
     if rejected:
         parts.append(
             f"left {len(rejected)}: " + "; ".join(f"{r.module or '<root>'}: {r.reason}" for r in rejected)
         )
     return " | ".join(parts)
+
+
+def logits_note(r: Record) -> str:
+    """What a loss region's kept logits cost ("" when none are kept)."""
+    if not r.logits_bytes:
+        return ""
+    return f"keeps {r.logits_bytes / 2**20:.1f} MiB of logits (skip_logits=True drops them)"

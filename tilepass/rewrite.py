@@ -30,7 +30,7 @@ def splice_tiled_region(
     # computed later than that (e.g. ``w.transpose(-2, -1)`` of an expert weight, which
     # Dynamo records where the module used it) are moved up; they read weights only.
     first = first_region_node
-    _hoist_before(graph, first, [source, *params])
+    hoist_before(graph, first, [source, *params])
     with graph.inserting_before(first):
         x2d = graph.call_method("reshape", (source, -1, src.shape[-1]))
         call = graph.call_function(
@@ -59,7 +59,7 @@ def splice_tiled_region(
     return call
 
 
-def _hoist_before(graph: fx.Graph, point: fx.Node, nodes: Sequence[fx.Node]) -> None:
+def hoist_before(graph: fx.Graph, point: fx.Node, nodes: Sequence[fx.Node]) -> None:
     """Move ``nodes`` (and what they read) that come after ``point`` to just before it."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     limit = order[point]
