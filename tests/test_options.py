@@ -20,7 +20,7 @@ def test_defaults():
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, moe, attention, attention_kernel, save_attention, accumulate_fp32"),
+        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, moe, loss, skip_logits, attention, attention_kernel, save_attention, accumulate_fp32"),
         ({"num_tiles": 0}, r"'num_tiles' must be a positive int"),
         ({"num_tiles": True}, r"'num_tiles' must be a positive int"),
         ({"tile_tokens": 2.5}, r"'tile_tokens' must be a positive int"),

@@ -149,7 +149,11 @@ def _tile_loss(gm: fx.GraphModule, ctx: PassContext, m: LossMatch, cast) -> None
     ctx.programs[key] = program.code
     tokens = hint(m.num_tokens)
     num_tiles, tile_tokens = resolve_tiles(ctx.options, tokens, m.in_features, m.vocab)
-    needs_grad = [bool(src.requires_grad)] + [bool(getattr(tensor_value(p), "requires_grad", False)) for p in m.params]
+    # The loss's own traced value says whether gradients flow (under no_grad a parameter
+    # still requires grad, but nothing computed from it does).
+    flows = bool(loss_value.requires_grad)
+    needs_grad = [flows and bool(src.requires_grad)] + [
+        flows and bool(getattr(tensor_value(p), "requires_grad", False)) for p in m.params]
     meta = {k: m.head.meta[k] for k in ("nn_module_stack",) if k in m.head.meta}
     divisor = _loss_divisor(m)
     if isinstance(divisor, fx.Node):
