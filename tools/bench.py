@@ -9,18 +9,25 @@ one JSON line per measurement (and a table at the end):
     python tools/bench.py --tiny --device cpu --seqs 64 --steps 1                    # CPU smoke test
 
 Models are built from config (no weights): ``dense`` is a transformers ``LlamaModel`` with
-Llama-3.2-1B shapes (hidden 2048, intermediate 8192, 32/8 heads); ``moe`` a
-``Qwen3MoeModel`` with Qwen3-30B-A3B shapes (hidden 2048, 128 experts, top-8,
-moe_intermediate 768, 32/4 heads, grouped_mm experts). bf16, batch 1, SDPA attention,
-loss on the final hidden states. ``--ckpt on`` enables layer activation checkpointing.
+Llama-3.2-1B shapes (hidden 2048, intermediate 8192, 32/8 heads); ``causal`` the same as a
+``LlamaForCausalLM`` (vocabulary 128,256) trained as users train it,
+``model(input_ids, labels=input_ids).loss``; ``moe`` a ``Qwen3MoeModel`` with
+Qwen3-30B-A3B shapes (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32/4 heads,
+grouped_mm experts). bf16, batch 1, SDPA attention; ``dense`` and ``moe`` take a loss on
+the final hidden states. ``--ckpt on`` enables layer activation checkpointing; ``--lora``
+wraps the model in PEFT LoRA (r 16 on every linear layer, base frozen).
 
 Variants: ``eager``; ``compile`` (torch.compile, inductor); ``liger`` (eager, every MLP
 replaced by Liger-Kernel's ``LigerTiledSwiGLUMLP``, the DeepSpeed/ALST TiledMLP
-algorithm; dense only); ``tilepass-mlp`` (MLP/MoE tiling alone, attention as transformers
+algorithm; ``causal`` adds Liger's fused linear cross-entropy, as its users run it);
+``cce`` (``causal`` only: Apple's Cut Cross-Entropy on the final hidden states, logits never
+in global memory, + Liger's tiled MLPs); ``tilepass-mlp`` (MLP/MoE tiling alone, attention as transformers
 writes it); ``tilepass`` (the defaults: tiling, and attention routed: a plain causal mask to
 SDPA's fused kernels, others to flex); ``tilepass+flex`` (every attention site to flex
 attention); ``tilepass+save`` (the defaults with ``save_attention``: checkpointed layers
-keep attention's outputs instead of recomputing attention); ``tilepass+save-nothing`` (its
+keep attention's outputs instead of recomputing attention); ``tilepass+skip`` and
+``tilepass+save+skip`` (``skip_logits``: the returned logits are None, as with Liger's fused
+cross-entropy; ``causal`` only); ``tilepass+save-nothing`` (its
 control: the policy installed, keeping nothing); any tilepass variant with
 ``@N``: N tokens per tile. Any variant with ``+cudnn`` last (``eager+cudnn``,
 ``tilepass+save+cudnn``) runs with SDPA restricted to its cuDNN kernel (CUDA only): the
@@ -44,13 +51,16 @@ TILEPASS_VARIANTS = {
     "tilepass": {},  # the defaults: tiling, and attention routed (plain causal to SDPA's fused kernels)
     "tilepass+flex": dict(attention_kernel="flex"),  # every routed attention site to flex attention
     "tilepass+save": dict(save_attention=True),  # checkpointed layers keep attention's outputs
+    "tilepass+skip": dict(skip_logits=True),  # causal: the loss region returns no logits
+    "tilepass+save+skip": dict(save_attention=True, skip_logits=True),
     # a control for tilepass+save: the same policy installed, keeping nothing. Before torch
     # 2.13 any policy moves a checkpointed layer onto the selective-checkpoint path; this
     # row shows what that move alone does, apart from the outputs kept
     "tilepass+save-nothing": dict(save_attention=True),
 }
 KEEPS_NOTHING = "tilepass+save-nothing"
-VARIANTS = ("eager", "compile", "liger", *TILEPASS_VARIANTS)
+VARIANTS = ("eager", "compile", "liger", "cce", *TILEPASS_VARIANTS)
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8)
 CUDNN = "+cudnn"  # a modifier of any variant: SDPA on cuDNN's kernel alone
 _SAVED_OPS: dict = {}  # the real checkpoint_policy.saved_attention_ops, kept on first use
 
@@ -58,7 +68,7 @@ _SAVED_OPS: dict = {}  # the real checkpoint_policy.saved_attention_ops, kept on
 def build_model(args):
     import transformers
 
-    common = dict(num_hidden_layers=args.layers, vocab_size=32000, max_position_embeddings=max(args.seqs),
+    common = dict(num_hidden_layers=args.layers, vocab_size=vocab_size(args), max_position_embeddings=max(args.seqs),
                   attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(0)
     if args.model == "moe":
@@ -74,9 +84,27 @@ def build_model(args):
         if args.tiny:
             shape = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
         else:
-            shape = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8)
-        model = transformers.LlamaModel(transformers.LlamaConfig(**shape, **common))
-    return model.to(device=args.device, dtype=getattr(torch, args.dtype)).train()
+            shape = LLAMA_1B
+        cls = transformers.LlamaForCausalLM if args.model == "causal" else transformers.LlamaModel
+        model = cls(transformers.LlamaConfig(**shape, **common))
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).train()
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    return model
+
+
+def vocab_size(args) -> int:
+    """Llama-3's 128,256 for the causal model (its LM head is the point), else 32,000 (unused)."""
+    return 256 if args.tiny else (128256 if args.model == "causal" else 32000)
+
+
+def _decoder(model):
+    """The module holding ``.layers`` (under a causal LM, and under PEFT's wrappers)."""
+    while not hasattr(model, "layers"):
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model.model
+    return model
 
 
 def with_liger_mlps(model):
@@ -86,7 +114,7 @@ def with_liger_mlps(model):
     from liger_kernel.transformers.tiled_mlp import LigerTiledSwiGLUMLP
 
     liger = copy.deepcopy(model)
-    for layer in liger.layers:
+    for layer in _decoder(liger).layers:
         mlp = LigerTiledSwiGLUMLP(liger.config).to(device=layer.mlp.gate_proj.weight.device, dtype=layer.mlp.gate_proj.weight.dtype)
         mlp.load_state_dict(layer.mlp.state_dict())
         layer.mlp = mlp
@@ -111,8 +139,16 @@ def make_step(model, variant, args):
         fn = model
     elif variant == "compile":
         fn = torch.compile(model)
-    elif variant == "liger":
+    elif variant in ("liger", "cce"):
+        if args.model != "causal" and variant == "cce":
+            raise ValueError("'cce' is Cut Cross-Entropy on an LM head: --model causal only")
         model = fn = with_liger_mlps(model)
+        if args.model == "causal" and variant == "liger":  # + Liger's fused linear cross-entropy
+            import types
+
+            from liger_kernel.transformers.model.llama import lce_forward
+
+            model.forward = types.MethodType(lce_forward, model)
     elif name in TILEPASS_VARIANTS:
         opts = dict(TILEPASS_VARIANTS[name])
         if tile_tokens:
@@ -126,8 +162,16 @@ def make_step(model, variant, args):
 
     def step(ids):
         with _sdpa_on_cudnn(cudnn):
-            hidden = fn(input_ids=ids).last_hidden_state
-            loss = hidden.float().pow(2).mean()
+            if variant == "cce":  # the hidden states, then Cut Cross-Entropy with labels shifted as transformers does
+                from cut_cross_entropy import linear_cross_entropy
+
+                hidden = fn.model(input_ids=ids).last_hidden_state
+                loss = linear_cross_entropy(hidden, fn.lm_head.weight, ids, shift=1)
+            elif args.model == "causal":  # as users train: the loss from labels (the output's logits dropped)
+                loss = fn(input_ids=ids, labels=ids).loss
+            else:
+                hidden = fn(input_ids=ids).last_hidden_state
+                loss = hidden.float().pow(2).mean()
             loss.backward()
         for p in model.parameters():
             p.grad = None
@@ -159,14 +203,15 @@ def measure(model, variant, seq, ckpt, args):
     else:
         model.gradient_checkpointing_disable()
     step = make_step(model, variant, args)
-    ids = torch.randint(0, 32000, (1, seq), device=args.device)
+    ids = torch.randint(0, vocab_size(args), (1, seq), device=args.device)
     gc.collect()
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
-    row = dict(model=args.model, variant=variant, seq=seq, ckpt=ckpt, layers=args.layers, base_gib=base / 2**30)
+    row = dict(model=args.model, variant=variant, seq=seq, ckpt=ckpt, layers=args.layers, lora=args.lora,
+               base_gib=base / 2**30)
     try:
         t0 = time.perf_counter()
         step(ids)
@@ -189,6 +234,8 @@ def measure(model, variant, seq, ckpt, args):
         if variant.startswith("tilepass"):
             done = [r for r in tilepass.report() if r.status == "rewritten"]
             tiled = [r for r in done if r.kind in ("mlp", "moe")]
+            row["loss_regions"] = sum(r.kind == "loss" for r in done)
+            row["kept_logits_gib"] = sum(r.logits_bytes or 0 for r in done if r.kind == "loss") / 2**30
             row["tiled_regions"] = len(tiled)
             row["tiles"] = sorted({r.tiles for r in tiled})
             row["routed_attention"] = sum(r.kind == "attention" for r in done)
@@ -208,7 +255,8 @@ def measure(model, variant, seq, ckpt, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["dense", "moe"], default="dense")
+    p.add_argument("--model", choices=["dense", "causal", "moe"], default="dense")
+    p.add_argument("--lora", action="store_true", help="PEFT LoRA r 16 on every linear layer, base frozen")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seqs", type=int, nargs="+", default=[16384, 32768, 65536])
     p.add_argument("--variants", default=",".join(VARIANTS))

@@ -143,7 +143,7 @@ def search_max(points: list[tuple[int, float]], step: Callable[[int], dict], bud
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["dense", "moe"], default="dense")
+    p.add_argument("--model", choices=["dense", "causal", "moe"], default="dense")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--variants", default="eager,liger,tilepass")
     p.add_argument("--probe", type=int, nargs="+", default=[32768, 65536])
@@ -162,7 +162,7 @@ def main(argv=None):
     start = time.perf_counter()
     budget = torch.cuda.get_device_properties(0).total_memory / 2**30 * args.fraction
     bargs = argparse.Namespace(model=args.model, layers=args.layers, seqs=[2**21], steps=1, dtype=args.dtype,
-                               device="cuda", tiny=False)
+                               device="cuda", tiny=False, lora=False)
     model = bench.build_model(bargs)
 
     def one_step(variant):
