@@ -34,7 +34,8 @@ def test_context_manager_writes_every_stage(tmp_path):
         _train_once(tiny_model("llama"), dict(downstream="aot_eager", num_tiles=4))
     [g] = _graph_dirs(root)
     stages = sorted(p.name for p in g.glob("stage_*.py"))
-    assert stages == ["stage_00_dynamo.py", "stage_01_after_moe.py", "stage_02_after_mlp.py"]
+    assert stages == ["stage_00_dynamo.py", "stage_01_after_moe.py", "stage_02_after_mlp.py",
+                      "stage_03_after_loss.py"]
     before, after = (g / stages[0]).read_text(), (g / stages[2]).read_text()
     assert "tiled_forward" not in before and after.count("torch.ops.tilepass.tiled_forward.default(") == 2
     assert '"f32[2, 16, 176]"' in before  # shape-annotated: the gate projection's output
@@ -101,7 +102,7 @@ def test_cli_dump_and_explain(tmp_path):
     for report in reports:
         jsonschema.validate(report, REPORT_SCHEMA)
         assert report["options"]["num_tiles"] == 3
-    assert [r["kind"] for rep in reports for r in rep["regions"]] == ["moe", "moe"]
+    assert [r["kind"] for rep in reports for r in rep["regions"]] == ["moe", "moe", "loss"]
 
     res = _run(["-m", "tilepass", "explain", "--arch", "gpt2", "--seq", "12", "--eval"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]

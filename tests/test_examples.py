@@ -30,6 +30,8 @@ def test_trainer_with_tilepass_trains_like_eager(tmp_path, monkeypatch):
     trainer_example = _load("trainer")
     tiled_log = trainer_example.main(str(tmp_path / "tiled"), steps=3, seq=64)
     assert len({r.module for r in rewritten()}) == 2
+    # Trainer passes num_items_in_batch: the loss is summed, then divided by it
+    assert [r.pattern for r in rewritten("loss")] == ["cross_entropy_sum"]
 
     # The same run without tilepass: Trainer on the plain eager model.
     monkeypatch.setattr(tilepass, "compile", lambda model, **kw: model)

@@ -79,4 +79,11 @@ def logits_note(r: Record) -> str:
     """What a loss region's kept logits cost ("" when none are kept)."""
     if not r.logits_bytes:
         return ""
-    return f"keeps {r.logits_bytes / 2**20:.1f} MiB of logits (skip_logits=True drops them)"
+    return f"keeps {_size(r.logits_bytes)} of logits (skip_logits=True drops them)"
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
