@@ -42,7 +42,8 @@ def test_context_manager_writes_every_stage(tmp_path):
     report = json.loads((g / "report.json").read_text())
     jsonschema.validate(report, REPORT_SCHEMA)
     assert [(r["kind"], r["pattern"], r["module"], r["tiles"]) for r in report["regions"]] == [
-        ("mlp", "swiglu", "model.layers.0.mlp", 4), ("mlp", "swiglu", "model.layers.1.mlp", 4)]
+        ("mlp", "swiglu", "model.layers.0.mlp", 4), ("mlp", "swiglu", "model.layers.1.mlp", 4),
+        ("loss", "cross_entropy_mean", "lm_head", 4)]
     nodes = report["regions"][0]["nodes"]  # Dynamo's node names (numbering varies with transformers)
     assert [n.rstrip("_0123456789") for n in nodes] == ["linear", "silu", "linear", "mul", "down_proj"]
     for r in report["regions"]:
