@@ -107,18 +107,27 @@ def _decoder(model):
     return model
 
 
-def with_liger_mlps(model):
-    """A copy of ``model`` whose MLPs are Liger's LigerTiledSwiGLUMLP (same weights)."""
-    import copy
+_UNDO: list = []  # what a variant changed on the shared model, undone after its row
 
+
+def with_liger_mlps(model):
+    """``model`` with every MLP swapped for Liger's LigerTiledSwiGLUMLP (same weights), in
+    place, so that no second copy of the model sits in memory; undone by :func:`undo_variant`."""
     from liger_kernel.transformers.tiled_mlp import LigerTiledSwiGLUMLP
 
-    liger = copy.deepcopy(model)
-    for layer in _decoder(liger).layers:
-        mlp = LigerTiledSwiGLUMLP(liger.config).to(device=layer.mlp.gate_proj.weight.device, dtype=layer.mlp.gate_proj.weight.dtype)
-        mlp.load_state_dict(layer.mlp.state_dict())
-        layer.mlp = mlp
-    return liger
+    for layer in _decoder(model).layers:
+        mlp, w = layer.mlp, layer.mlp.gate_proj.weight
+        liger = LigerTiledSwiGLUMLP(_decoder(model).config).to(device=w.device, dtype=w.dtype)
+        liger.gate_proj, liger.up_proj, liger.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj  # shared weights
+        layer.mlp = liger
+        _UNDO.append(lambda layer=layer, mlp=mlp: setattr(layer, "mlp", mlp))
+    return model
+
+
+def undo_variant() -> None:
+    while _UNDO:
+        _UNDO.pop()()
+    _keep_nothing(False)
 
 
 def _keep_nothing(on: bool) -> None:
@@ -149,6 +158,7 @@ def make_step(model, variant, args):
             from liger_kernel.transformers.model.llama import lce_forward
 
             model.forward = types.MethodType(lce_forward, model)
+            _UNDO.append(lambda: model.__dict__.pop("forward", None))
     elif name in TILEPASS_VARIANTS:
         opts = dict(TILEPASS_VARIANTS[name])
         if tile_tokens:
@@ -246,7 +256,7 @@ def measure(model, variant, seq, ckpt, args):
         row["oom"] = True
     finally:
         del step
-        _keep_nothing(False)
+        undo_variant()
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

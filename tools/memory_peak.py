@@ -68,7 +68,7 @@ def record(model, variant: str, seq: int, args) -> dict:
     tilepass.reset()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     step = bench.make_step(model, variant, args)
-    ids = torch.randint(0, 32000, (1, seq), device="cuda")
+    ids = torch.randint(0, bench.vocab_size(args), (1, seq), device="cuda")
     step(ids)  # compile, autotune, warm the allocator
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -91,14 +91,14 @@ def record(model, variant: str, seq: int, args) -> dict:
                top=[dict(site=s, mib=sum(sizes) / MIB, blocks=len(sizes), sizes_mib=sorted({round(x / MIB, 1) for x in sizes}))
                     for s, sizes in top])
     del step
-    bench._keep_nothing(False)  # the tilepass+save-nothing control patches the policy while it runs
+    bench.undo_variant()  # the tilepass+save-nothing control patches the policy while it runs
     torch.cuda.empty_cache()
     return row
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["dense", "moe"], default="dense")
+    p.add_argument("--model", choices=["dense", "causal", "moe"], default="dense")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=65536)
     p.add_argument("--variants", default="tilepass,tilepass+flex")
@@ -107,7 +107,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("memory_peak.py records CUDA's allocator: it needs a GPU")
-    args.seqs, args.tiny, args.device, args.dtype = [args.seq], False, "cuda", "bfloat16"
+    args.seqs, args.tiny, args.device, args.dtype, args.lora = [args.seq], False, "cuda", "bfloat16", False
     model = bench.build_model(args)
     rows = []
     for variant in args.variants.split(","):
