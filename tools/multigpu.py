@@ -70,6 +70,10 @@ def zero3_config(args) -> dict:
             "reduce_bucket_size": 1 << 20,
             "contiguous_gradients": True,
             "overlap_comm": False,
+            # ZeRO-3 otherwise swaps F.linear for its own autograd.Function (to save the input,
+            # not the gathered weight): Dynamo then sees that Function, not a linear, and no
+            # MLP is recognised. tilepass's regions keep only their input anyway.
+            "memory_efficient_linear": False,
         },
         "wall_clock_breakdown": False,
     }
@@ -120,6 +124,9 @@ def parse_args(argv=None):
                         "captures router logits through a ContextVar that Dynamo cannot trace when a layer is "
                         "compiled on its own (fsdp2-layer) or behind FSDP2's hooks, which breaks the graph "
                         "between router and experts, so the MoE is not tiled there")
+    g.add_argument("--zero3-leaf", choices=["layer", "mlp", "none"], default="layer",
+                   help="zero3: the modules DeepSpeed fetches as a whole (set_z3_leaf_modules): each decoder "
+                        "layer, each MLP/MoE block, or none (a graph break at every module: nothing is tiled)")
     g = p.add_argument_group("memory mode (Llama-3.2-1B shapes by default)")
     g.add_argument("--tokens", type=int, default=65536, help="tokens per rank")
     g.add_argument("--mem-layers", type=int, default=4)
@@ -354,6 +361,14 @@ def _zero3_run(model, args, backend, counter) -> Run:
         from deepspeed.utils import safe_get_full_grad
     except ImportError as e:
         raise SystemExit(f"--engines zero3 needs DeepSpeed (pip install deepspeed): {e}") from None
+    if args.zero3_leaf != "none":
+        # ZeRO-3 fetches parameters in a pre-forward hook on every module, each one a
+        # torch.compiler.disable'd graph break: no MLP is whole in one graph then. A leaf
+        # module is fetched at once (its own hooks only), like an FSDP2 unit.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        leaf = type(model.model.layers[0]) if args.zero3_leaf == "layer" else type(model.model.layers[0].mlp)
+        set_z3_leaf_modules(model, [leaf])
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=zero3_config(args),
                                       dist_init_required=False)
