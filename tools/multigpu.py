@@ -124,6 +124,13 @@ def parse_args(argv=None):
                         "captures router logits through a ContextVar that Dynamo cannot trace when a layer is "
                         "compiled on its own (fsdp2-layer) or behind FSDP2's hooks, which breaks the graph "
                         "between router and experts, so the MoE is not tiled there")
+    g.add_argument("--ddp-bucket-mb", type=float, default=25.0,
+                   help="ddp: bucket size. Dynamo's DDPOptimizer splits the graph at bucket boundaries and compiles "
+                        "each piece alone: a boundary inside an MLP leaves it untiled (at real sizes: 25 MB buckets, "
+                        "a 1B model's MLP weights are 16-32 MB each)")
+    g.add_argument("--optimize-ddp", choices=["ddp_optimizer", "off"], default="ddp_optimizer",
+                   help="ddp: torch._dynamo.config.optimize_ddp. off: one graph, no split (all-reduce then waits "
+                        "for the whole backward)")
     g.add_argument("--zero3-leaf", choices=["layer", "mlp", "none"], default="layer",
                    help="zero3: the modules DeepSpeed fetches as a whole (set_z3_leaf_modules): each decoder "
                         "layer, each MLP/MoE block, or none (a graph break at every module: nothing is tiled)")
@@ -331,8 +338,9 @@ def make_run(engine: str, model, args, device) -> Run:
     if engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=args.ddp_bucket_mb)
         ddp.register_comm_hook(None, _ddp_counting_hook(counter))
+        torch._dynamo.config.optimize_ddp = "ddp_optimizer" if args.optimize_ddp == "ddp_optimizer" else False
         opt = torch.optim.SGD(model.parameters(), lr=args.lr)
         compiled = torch.compile(ddp, backend=backend)
         return Run(lambda b: compiled(**b).loss, lambda loss: loss.backward(), step,
