@@ -119,6 +119,8 @@ def parse_args(argv=None):
     g.add_argument("--heads", type=int, default=4)
     g.add_argument("--kv-heads", type=int, default=2)
     g.add_argument("--vocab", type=int, default=128)
+    g.add_argument("--experts-impl", choices=["grouped_mm", "batched_mm"], default="grouped_mm",
+                   help="MoE: transformers' experts implementation")
     g.add_argument("--router-aux-loss", action="store_true",
                    help="MoE: add the router's aux loss (output_router_logits). Off by default: transformers "
                         "captures router logits through a ContextVar that Dynamo cannot trace when a layer is "
@@ -199,7 +201,8 @@ def build_model(arch: str, args, device, dtype):
     if arch == "qwen3_moe":
         shape.update(num_experts=args.experts, num_experts_per_tok=args.top_k,
                      moe_intermediate_size=args.moe_intermediate, output_router_logits=args.router_aux_loss)
-    model = tiny_model(arch, seed=0, attn_implementation="sdpa", use_cache=False, **shape)
+    extra = dict(experts_implementation=args.experts_impl) if arch == "qwen3_moe" else {}
+    model = tiny_model(arch, seed=0, attn_implementation="sdpa", use_cache=False, **extra, **shape)
     return model.to(device=device, dtype=dtype)
 
 
