@@ -521,17 +521,15 @@ def check_mode(args, rank, world, device) -> list[dict]:
         for engine in args.engines:
             try:
                 got = check_one(arch, engine, args, rank, world, device)
-            except SystemExit:
-                raise
             except Exception as e:  # a failure on one rank: report it, then the verdict fails everywhere
                 import traceback
 
                 traceback.print_exc()
                 got = [dict(model=arch, engine=engine, step=None, rank=rank, ok=False,
                             problems=[f"{type(e).__name__}: {str(e)[:500]}"])]
-                _emit(rank, world, got, args)
+                _emit(rank, world, got)
                 raise  # a half-finished collective leaves the group unusable: stop here
-            _emit(rank, world, got, args)
+            _emit(rank, world, got)
             rows += got
             dist.barrier()
     return rows
@@ -603,7 +601,7 @@ def memory_mode(args, rank, world, device) -> list[dict]:
     for sharded in (False, True):  # the 1-GPU run touches no collective: every rank runs it alone
         row = memory_one(sharded, args, rank, device)
         row.update(world=world if sharded else 1, ok=True, problems=[])
-        _emit(rank, world, [row], args)
+        _emit(rank, world, [row])
         rows.append(row)
         dist.barrier()
     return rows
@@ -612,7 +610,7 @@ def memory_mode(args, rank, world, device) -> list[dict]:
 # --- output ---------------------------------------------------------------------------
 
 
-def _emit(rank, world, rows, args):
+def _emit(rank, world, rows):
     everyone = [None] * world
     dist.all_gather_object(everyone, rows)
     if rank == 0:
