@@ -65,6 +65,8 @@ def _assert_all_passed(rc, rows, log, engines, models, steps):
             assert by_rank[0]["region_tokens"] != by_rank[1]["region_tokens"]
             assert by_rank[0]["region_tiles"] != by_rank[1]["region_tiles"]
             assert by_rank[0]["reductions"] == by_rank[0]["grads"]  # once per parameter
+            if by_rank[0]["loss_calls"]:  # the loss region, where the graph holds LM head and loss together
+                assert by_rank[0]["loss_tiles"] != by_rank[1]["loss_tiles"]
 
 
 # --- the checks themselves, in process ---------------------------------------------

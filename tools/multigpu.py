@@ -225,28 +225,46 @@ def batch_for(rank: int, step: int, args, device) -> dict:
 
 
 class RegionWatch:
-    """Wraps tilepass's tiled forward/backward (the custom ops look them up at call time):
-    records each call's tokens and tiles, and flags any collective a region runs."""
+    """Wraps the functions tilepass's custom ops run (they look them up at call time): the
+    tiled forward and backward of MLP/MoE regions, and the tiled loss where tilepass has one.
+    Records each call's tokens and tiles, and flags any collective a region runs."""
+
+    # (module, function, positions of num_tiles and tile_tokens in its arguments)
+    TARGETS = {"forward": ("runtime", "run_tiled_forward", 3, 4),
+               "backward": ("runtime", "run_tiled_backward", 4, 5),
+               "loss": ("loss_runtime", "run_tiled_loss", 5, 6)}
 
     def __init__(self, inject_collective: bool = False):
+        import importlib
+
         self.inject_collective = inject_collective
         self.calls: list[dict] = []
         self.collectives: list[str] = []
-        self._orig = (tp_runtime.run_tiled_forward, tp_runtime.run_tiled_backward)
+        self._orig = {}
+        for phase, (module, name, *_) in self.TARGETS.items():
+            try:
+                mod = importlib.import_module(f"tilepass.{module}")
+            except ImportError:  # a tilepass without a loss pass
+                continue
+            if hasattr(mod, name):
+                self._orig[phase] = (mod, getattr(mod, name))
+        if "forward" not in self._orig or "backward" not in self._orig:
+            raise SystemExit("tilepass.runtime has no run_tiled_forward/run_tiled_backward: update RegionWatch")
 
     def __enter__(self):
-        fwd, bwd = self._orig
-        tp_runtime.run_tiled_forward = self._wrap(fwd, "forward")
-        tp_runtime.run_tiled_backward = self._wrap(bwd, "backward")
+        for phase, (mod, fn) in self._orig.items():
+            setattr(mod, self.TARGETS[phase][1], self._wrap(fn, phase))
         return self
 
     def __exit__(self, *exc):
-        tp_runtime.run_tiled_forward, tp_runtime.run_tiled_backward = self._orig
+        for phase, (mod, fn) in self._orig.items():
+            setattr(mod, self.TARGETS[phase][1], fn)
 
     def _wrap(self, fn, phase):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         watch = self
+        _, _, at_tiles, at_tokens = self.TARGETS[phase]
 
         class NoCollectives(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -254,14 +272,14 @@ class RegionWatch:
                     watch.collectives.append(f"{phase}: {func}")
                 return func(*args, **(kwargs or {}))
 
-        def wrapped(key, x, params, *rest):
-            num_tiles, tile_tokens = (rest[0], rest[1]) if phase == "forward" else (rest[1], rest[2])
-            tiles = len(tp_runtime.tile_sizes(x.shape[0], num_tiles, tile_tokens))
+        def wrapped(*args):
+            key, x = args[0], args[1]
+            tiles = len(tp_runtime.tile_sizes(x.shape[0], args[at_tiles], args[at_tokens]))
             self.calls.append(dict(phase=phase, key=key, tokens=int(x.shape[0]), tiles=tiles))
             with NoCollectives():
                 if self.inject_collective:  # --inject collective: what the watch must catch
                     dist.all_reduce(torch.zeros(1, device=x.device))
-                return fn(key, x, params, *rest)
+                return fn(*args)
 
         return wrapped
 
@@ -503,8 +521,11 @@ def _tile_summary(calls: list[dict], tokens: int, tile_tokens: int) -> dict:
             problems.append(f"{kinds[c['key']]} {c['phase']}: {c['tokens']} tokens in {c['tiles']} tiles, "
                             f"this rank has {tokens} tokens ({want_tiles} tiles)")
             break
+    loss = [c for c in calls if c["phase"] == "loss"]
     return dict(region_calls=len(fwd), region_tokens=sorted({c["tokens"] for c in fwd}),
-                region_tiles=sorted({c["tiles"] for c in fwd}), problems=problems)
+                region_tiles=sorted({c["tiles"] for c in fwd}), loss_calls=len(loss),
+                loss_tokens=sorted({c["tokens"] for c in loss}), loss_tiles=sorted({c["tiles"] for c in loss}),
+                problems=problems)
 
 
 def _record_kinds() -> dict:
