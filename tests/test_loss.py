@@ -392,3 +392,12 @@ def test_step_rss_with_skip_logits_is_a_fraction_of_inductor(tmp_path):
     print(f"step RSS rise: inductor {plain / 2**20:.0f} MiB, tilepass skip_logits {tiled / 2**20:.0f} MiB")
     assert plain > 2 * 512 * 2**20  # at least two [tokens, vocab] float32 tensors
     assert tiled < plain / 8, (tiled, plain)
+
+
+def test_default_loss_tiles_bound_one_tiles_float32_logits():
+    from tilepass.options import LOSS_TILE_LOGITS_BYTES, default_loss_tiles
+
+    assert default_loss_tiles(65536, 2048, 128256) == 63  # ceil(vocab / hidden): 1,041 tokens a tile
+    tiles = default_loss_tiles(1 << 20, 2048, 128256)  # 1M tokens: the byte bound takes over
+    assert tiles == -(-(1 << 20) * 128256 * 4 // LOSS_TILE_LOGITS_BYTES) == 1002  # 1,046-1,047 tokens a tile
+    assert default_loss_tiles(5, 64, 4096) == 5  # at most one tile per token

@@ -120,3 +120,18 @@ def default_num_tiles(num_tokens: int, in_features: int, intermediate: int) -> i
     """
     k = -(-intermediate // max(1, in_features))
     return max(1, min(k, num_tokens))
+
+
+#: The float32 logits of one tile of the loss region stay under this many bytes by default.
+LOSS_TILE_LOGITS_BYTES = 512 * 2**20
+
+
+def default_loss_tiles(num_tokens: int, hidden: int, vocab: int) -> int:
+    """Tiles for an LM head + loss: ``ceil(vocab / hidden)`` (one tile's logits about as many
+    elements as the head's input, as for an MLP), and more where one tile's float32 logits
+    would pass :data:`LOSS_TILE_LOGITS_BYTES`: at long sequences the tile count grows with
+    the tokens, so the loss never holds more than about 512 MiB of float32 logits (1,046
+    tokens for Llama-3's 128,256 vocabulary)."""
+    by_width = default_num_tiles(num_tokens, hidden, vocab)
+    by_bytes = -(-num_tokens * vocab * 4 // LOSS_TILE_LOGITS_BYTES)
+    return max(1, min(max(by_width, by_bytes), num_tokens))

@@ -23,7 +23,7 @@ from .fx_utils import autocast_state, common_module, hint, op_name, remove_dead_
 from .hop_inputs import BodyInputs
 from .match_mlp import find_mlps
 from .match_moe import find_moes
-from .options import Options, default_num_tiles
+from .options import Options, default_loss_tiles, default_num_tiles
 from .region import build_layout_program, build_loss_program, build_tile_program, program_key
 from .rowwise import projection_input
 from .report import Record, logger
@@ -45,13 +45,14 @@ class PassContext:
 Pass = Callable[[fx.GraphModule, PassContext], int]
 
 
-def resolve_tiles(options: Options, num_tokens: int, in_features: int, intermediate: int) -> tuple[int, int]:
+def resolve_tiles(options: Options, num_tokens: int, in_features: int, intermediate: int,
+                  default=default_num_tiles) -> tuple[int, int]:
     """(num_tiles, tile_tokens) for the tiled op: exactly one of them is non-zero."""
     if options.tile_tokens is not None:
         return 0, options.tile_tokens
     if options.num_tiles is not None:
         return options.num_tiles, 0
-    return default_num_tiles(num_tokens, in_features, intermediate), 0
+    return default(num_tokens, in_features, intermediate), 0
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -148,7 +149,7 @@ def _tile_loss(gm: fx.GraphModule, ctx: PassContext, m: LossMatch, cast) -> None
     runtime.register_region(key, runtime.RegisteredRegion(program, (spec,), cast, ctx.options.accumulate_fp32))
     ctx.programs[key] = program.code
     tokens = hint(m.num_tokens)
-    num_tiles, tile_tokens = resolve_tiles(ctx.options, tokens, m.in_features, m.vocab)
+    num_tiles, tile_tokens = resolve_tiles(ctx.options, tokens, m.in_features, m.vocab, default_loss_tiles)
     # The loss's own traced value says whether gradients flow (under no_grad a parameter
     # still requires grad, but nothing computed from it does).
     flows = bool(loss_value.requires_grad)
