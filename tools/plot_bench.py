@@ -34,7 +34,8 @@ def plot_bench(data: dict, dst: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     layers = rows[0]["layers"]
-    shape = "Qwen3-30B-A3B-shaped MoE" if rows[0].get("model") == "moe" else "Llama-3.2-1B-shaped"
+    shape = {"moe": "Qwen3-30B-A3B-shaped MoE", "causal": "Llama-3.2-1B-shaped causal LM (vocab 128,256)"}.get(
+        rows[0].get("model"), "Llama-3.2-1B-shaped")
     fig.suptitle(f"{layers}-layer {shape} stack, bf16, layer checkpointing — {data['device']}, torch {data['torch']}")
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
@@ -56,7 +57,8 @@ def plot_bars(data: dict, rows: list[dict], dst: str) -> None:
                xlim=(0, max(values) * 1.2))
         ax.grid(axis="x", alpha=0.3)
     layers, seq = rows[0]["layers"], rows[0]["seq"]
-    shape = "Qwen3-30B-A3B-shaped MoE" if rows[0].get("model") == "moe" else "Llama-3.2-1B-shaped"
+    shape = {"moe": "Qwen3-30B-A3B-shaped MoE", "causal": "Llama-3.2-1B-shaped causal LM (vocab 128,256)"}.get(
+        rows[0].get("model"), "Llama-3.2-1B-shaped")
     fig.suptitle(f"{layers}-layer {shape} stack, {seq // 1024}K tokens, bf16, layer checkpointing\n"
                  f"{data['device']}, torch {data['torch']}", fontsize=9)
     fig.tight_layout()
