@@ -401,3 +401,29 @@ def test_default_loss_tiles_bound_one_tiles_float32_logits():
     tiles = default_loss_tiles(1 << 20, 2048, 128256)  # 1M tokens: the byte bound takes over
     assert tiles == -(-(1 << 20) * 128256 * 4 // LOSS_TILE_LOGITS_BYTES) == 1002  # 1,046-1,047 tokens a tile
     assert default_loss_tiles(5, 64, 4096) == 5  # at most one tile per token
+
+
+class ZLossHead(Head):
+    """A z-loss next to the cross-entropy (PaLM's): it reads the full logits outside the loss."""
+
+    def forward(self, ids, labels):
+        logits = self.lm_head(self.norm(self.embed(ids))).view(-1, self.vocab)
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return F.cross_entropy(logits, labels.view(-1)) + 1e-2 * z
+
+
+def test_z_loss_keeps_the_logits_it_reads():
+    """The cross-entropy is tiled; the z-loss reads the logits, so the graph keeps its own LM
+    head for it (even with skip_logits: they are not the model's returned logits) and the
+    record says what they cost. Gradients stay exact."""
+    torch.manual_seed(0)
+    model = ZLossHead().double()
+    ids = torch.randint(0, 96, (2, 37))
+    labels = _labels(ids)
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=3, skip_logits=True))
+    want = torch.autograd.grad(model(ids, labels), list(model.parameters()))
+    got = torch.autograd.grad(compiled(ids, labels), list(model.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **EXACT)
+    [record] = rewritten("loss")
+    assert record.logits_bytes == 2 * 37 * 96 * 8
