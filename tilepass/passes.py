@@ -178,7 +178,8 @@ def _tile_loss(gm: fx.GraphModule, ctx: PassContext, m: LossMatch, cast) -> None
     m.loss.replace_all_uses_with(result)
     outside = m.read_outside()
     training = any(needs_grad)
-    if ctx.options.skip_logits and training:
+    # only the captured graph's own outputs reach the caller (a nested body's feed its op)
+    if ctx.options.skip_logits and training and (ctx.root is None or gm is ctx.root):
         _drop_returned(graph, outside)
         outside = m.read_outside()
     sizes = runtime.tile_sizes(tokens, num_tiles, tile_tokens)
