@@ -110,9 +110,10 @@ class Head(nn.Module):
     """A hand-written LM head + loss, float64 end to end (no cast to float32)."""
 
     def __init__(self, vocab=96, hidden=24, bias=False, tied=False, softcap=None, scaled=False,
-                 smoothing=0.0, reduction="mean"):
+                 smoothing=0.0, reduction="mean", matmul=False):
         super().__init__()
         self.vocab, self.softcap, self.smoothing, self.reduction = vocab, softcap, smoothing, reduction
+        self.matmul = matmul
         self.embed = nn.Embedding(vocab, hidden)
         self.norm = nn.LayerNorm(hidden)
         self.lm_head = nn.Linear(hidden, vocab, bias=bias)
@@ -121,7 +122,8 @@ class Head(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor([1.3])) if scaled else None
 
     def forward(self, ids, labels, divisor=None):
-        logits = self.lm_head(self.norm(self.embed(ids)))  # [B, S, V]
+        h = self.norm(self.embed(ids))
+        logits = h @ self.lm_head.weight.t() if self.matmul else self.lm_head(h)  # [B, S, V]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         if self.logit_scale is not None:
@@ -139,6 +141,7 @@ HEADS = {
     "logit_scale": dict(scaled=True),
     "label_smoothing": dict(smoothing=0.1),
     "sum": dict(reduction="sum"),
+    "matmul": dict(matmul=True),  # `h @ W.t()`: the head is a matmul, not F.linear
 }
 
 
@@ -164,6 +167,7 @@ def test_hand_written_head_float64(name, tiling):
         _assert_grads(got[1], want[1])
     [record] = rewritten("loss")
     assert record.tiles == (4 if "num_tiles" in tiling else 5) and record.logits_bytes == 0
+
 
 
 def test_sum_divided_by_a_tensor_count():
@@ -427,3 +431,17 @@ def test_z_loss_keeps_the_logits_it_reads():
         torch.testing.assert_close(g, w, **EXACT)
     [record] = rewritten("loss")
     assert record.logits_bytes == 2 * 37 * 96 * 8
+
+
+def test_accumulate_fp32_never_narrows_float64():
+    """accumulate_fp32 widens bf16/fp16 gradients; a float64 one stays float64 (exact)."""
+    torch.manual_seed(0)
+    model = Head(bias=True).double()
+    ids = torch.randint(0, 96, (2, 37))
+    labels = _labels(ids)
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=5,
+                                                                    accumulate_fp32=True))
+    want = torch.autograd.grad(model(ids, labels), list(model.parameters()))
+    got = torch.autograd.grad(compiled(ids, labels), list(model.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **EXACT)

@@ -65,7 +65,8 @@ def run_tiled_loss(key: str, x: Tensor, target: Tensor, scale: Tensor, params: S
                     if g is None:
                         continue
                     if acc[i] is None:
-                        acc[i] = g.to(torch.float32 if region.accumulate_fp32 else g.dtype, copy=True)
+                        acc[i] = g.to(torch.float32 if region.accumulate_fp32 and g.dtype in (torch.bfloat16, torch.float16)
+                                      else g.dtype, copy=True)
                     else:
                         acc[i].add_(g)
             elif need_x:

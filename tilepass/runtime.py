@@ -195,7 +195,8 @@ def run_tiled_backward(
                     # Own the accumulator: autograd may hand back a view of an incoming
                     # gradient (e.g. for ``x + bias``), which later add_ calls must not touch.
                     owned = region.accumulate_fp32 or g.untyped_storage().data_ptr() in borrowed
-                    acc[i] = g.to(torch.float32 if region.accumulate_fp32 else g.dtype, copy=True) if owned else g
+                    wide = region.accumulate_fp32 and g.dtype in (torch.bfloat16, torch.float16)  # never narrower
+                    acc[i] = g.to(torch.float32 if wide else g.dtype, copy=True) if owned else g
                 else:
                     acc[i].add_(g)
             start += size
