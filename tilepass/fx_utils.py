@@ -70,6 +70,7 @@ def arg_nodes(node: fx.Node) -> Iterator[fx.Node]:
 
 _ROOT = re.compile(r"^[LG]\[[^\]]*\](?:\[[^\]]*\])*\.?")
 _GETATTR = re.compile(r"getattr\(([^,]+), '([^']+)'\)")
+_MODULES_DICT = re.compile(r"(?:^|(?<=\.))(?:__dict__\[['\"]_modules['\"]\]|_modules)\[['\"]([^'\"]+)['\"]\]")
 
 
 def normalize_module_path(path: str) -> str:
@@ -81,6 +82,9 @@ def normalize_module_path(path: str) -> str:
         path = new
     path = re.sub(r"^G\[['\"]([^'\"]+)['\"]\]", r"\1", path)  # a global module keeps its name
     path = _ROOT.sub("", path)
+    # A module reached through ``__dict__['_modules']['name']`` (PEFT's wrappers, whose
+    # ``__getattr__`` Dynamo traces through) is the child ``name``, as named_modules() says.
+    path = _MODULES_DICT.sub(r"\1", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
     return path.strip(".")
 
