@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from . import rowwise
+from .closure import Closed, close_region, same_value, strip_token_views
 from .fx_utils import arg_nodes, common_module, example_value, leading_numel, op_name, tensor_value
 
 # A walk from a projection back through more nodes than this is not an MLP (it is the
@@ -34,23 +35,23 @@ _MAX_REGION_NODES = 64
 
 @dataclasses.dataclass
 class MlpMatch:
-    source: fx.Node  # the tensor every up projection reads (before token reshapes)
-    ups: list[fx.Node]
-    inner: list[fx.Node]  # ops between the ups and the down, in graph order
+    source: fx.Node  # the one token tensor the region reads (before token reshapes)
+    token_inputs: set[fx.Node]  # the nodes through which it reads it (source, or views of it)
+    nodes: list[fx.Node]  # the region, graph order
+    ups: list[fx.Node]  # the projections the walk back from the down stopped at
     down: fx.Node
-    output: fx.Node  # down, or the view after it that restores the token dims
+    output: fx.Node  # the value that leaves the region (down, the view after it, the add of a LoRA branch)
     params: list[fx.Node]  # external inputs (weights, biases...), in first-use order
     pattern: str
     module: str
     num_tokens: Any
     in_features: int
-    intermediate: int  # total width of the up projections
+    intermediate: int  # total width of the up projections that read x
     uses_rng: bool = False  # dropout in training inside: its RNG is replayed in the recompute
 
     @property
-    def nodes(self) -> list[fx.Node]:
-        region = set(self.ups) | set(self.inner) | {self.down, self.output}
-        return [n for n in self.down.graph.nodes if n in region]
+    def inner(self) -> list[fx.Node]:
+        return [n for n in self.nodes if n not in self.ups and n is not self.output]
 
 
 @dataclasses.dataclass
@@ -60,15 +61,6 @@ class Rejection:
     module: str
     pattern: str
     nodes: list[fx.Node]
-
-
-def _strip_token_views(node: fx.Node, num_tokens: Any) -> fx.Node:
-    """Follow ``view``/``reshape`` that only flatten or restore token dims back to their source."""
-    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
-        if rowwise.classify(node, num_tokens).kind != "view":
-            break
-        node = node.args[0]
-    return node
 
 
 def _walk_back(down: fx.Node, num_tokens: Any) -> tuple[list[fx.Node], list[fx.Node]] | None:
@@ -146,52 +138,15 @@ def _output_node(down: fx.Node, source: fx.Node, num_tokens: Any) -> fx.Node:
     return down
 
 
-def _check(match: MlpMatch, num_tokens: Any) -> str | None:
-    """Why the candidate cannot be tiled exactly, or None."""
-    region = set(match.nodes)
-    for n in match.inner:
-        verdict = rowwise.classify(n, num_tokens)
-        if not verdict.ok:
-            return verdict.reason
-    for n in match.ups + match.inner:
-        outside = [u for u in n.users if u not in region]
-        if outside:
-            return f"`{n.name}` ({op_name(n)}) inside the MLP is also read outside it (by `{outside[0].name}`), so it would have to be kept whole"
-    sources = {_strip_token_views(rowwise.projection_input(u, num_tokens), num_tokens) for u in match.ups}
-    if len(sources) > 1 and all(_same_value(s, match.source) for s in sources):
-        sources = {match.source}  # e.g. a norm computed twice: one value, read once
-    if len(sources) != 1:
-        names = ", ".join(sorted(f"`{s.name}`" for s in sources))
-        return f"the up projections read different inputs ({names})"
-    out, src = tensor_value(match.output), tensor_value(match.source)
-    if out is None or src is None or (out.dim() != 2 and tuple(out.shape[:-1]) != tuple(src.shape[:-1])):
-        return "the output's token dims differ from the input's"
-    return None
-
-
-_RANDOM = ("dropout", "rand", "randn", "randint", "bernoulli", "multinomial", "normal", "uniform")
-
-
-def _same_value(a: Any, b: Any, depth: int = 32) -> bool:
-    """Do two nodes provably compute the same tensor (same deterministic op on same inputs)?"""
-    if a is b:
-        return True
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or depth == 0:
-        return a == b if not isinstance(a, fx.Node) and not isinstance(b, fx.Node) else False
-    if a.op != b.op or a.target != b.target or a.op not in ("call_function", "call_method"):
-        return False
-    if any(r in op_name(a) for r in _RANDOM) or len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():
-        return False
-    pairs = list(zip(a.args, b.args)) + [(a.kwargs[k], b.kwargs[k]) for k in a.kwargs]
-    return all(_same_value(x, y, depth - 1) if isinstance(x, fx.Node) or isinstance(y, fx.Node)
-               else (type(x) is type(y) and x == y) for x, y in pairs)
-
-
 def find_mlps(graph: fx.Graph) -> tuple[list[MlpMatch], list[Rejection]]:
-    """Every MLP-shaped region: those that can be tiled, and near misses with a reason."""
+    """Every MLP-shaped region: those that can be tiled, and near misses with a reason.
+    One record per MLP: a down projection reached again through an adapter on it (LoRA's
+    ``lora_A`` reads the same intermediate) is the same MLP."""
     matches: list[MlpMatch] = []
     rejections: list[Rejection] = []
     claimed: set[fx.Node] = set()
+    seen_ups: set[fx.Node] = set()
+    order = _order(graph)
     for down in graph.nodes:
         operands = rowwise.matmul_operands(down)
         xv = tensor_value(operands[0]) if operands else None
@@ -209,43 +164,51 @@ def find_mlps(graph: fx.Graph) -> tuple[list[MlpMatch], list[Rejection]]:
         pattern = _pattern(ups, inner, num_tokens)
         if not ups or pattern is None:
             continue  # projections without an activation between them: not an MLP
-        source = _strip_token_views(rowwise.projection_input(ups[0], num_tokens), num_tokens)
+        if down in claimed or seen_ups & set(ups):
+            continue  # the same MLP, reached again from an adapter's projection
+        seen_ups |= set(ups)
+        ups = sorted(ups, key=order)
+        source = strip_token_views(rowwise.projection_input(ups[0], num_tokens), num_tokens)
         output = _output_node(down, source, num_tokens)
-        match = MlpMatch(
-            source=source, ups=sorted(ups, key=_order(graph)), inner=inner, down=down, output=output,
-            params=[], pattern=pattern, module="", num_tokens=num_tokens,
-            in_features=int(tensor_value(source).shape[-1]) if tensor_value(source) is not None else 0,
-            intermediate=sum(int(tensor_value(u).shape[-1]) for u in ups),
-        )
-        match.module = common_module(match.nodes)
-        reason = _check(match, num_tokens)
-        if reason is None and claimed & set(match.nodes):
+        seed = [*ups, *inner, down, output]
+        reason = next((v.reason for v in (rowwise.classify(n, num_tokens) for n in inner) if not v.ok), None)
+        closed = close_region(seed, output, num_tokens, "the MLP") if reason is None else None
+        if isinstance(closed, str):
+            reason, closed = closed, None
+        nodes = closed.nodes if closed else sorted(set(seed), key=order)
+        module = common_module(nodes)
+        if closed is not None:
+            reason = _check_output(closed)
+        if reason is None and claimed & set(nodes):
             reason = "overlaps another MLP region"
         if reason is not None:
-            rejections.append(Rejection(down, reason, match.module, pattern, match.nodes))
+            rejections.append(Rejection(down, reason, module, pattern, nodes))
             continue
-        match.params = _external_inputs(match, num_tokens)
-        match.uses_rng = any(rowwise.classify(n, num_tokens).kind == "random" for n in inner)
-        claimed |= set(match.nodes)
-        matches.append(match)
+        reading_x = [u for u in ups if _reads(u, closed, num_tokens)] or ups
+        matches.append(MlpMatch(
+            source=closed.source, token_inputs=closed.token_inputs, nodes=nodes, ups=ups, down=down,
+            output=closed.output, params=closed.params, pattern=pattern, module=module, num_tokens=num_tokens,
+            in_features=int(tensor_value(closed.source).shape[-1]),
+            intermediate=sum(int(tensor_value(u).shape[-1]) for u in reading_x),
+            uses_rng=any(rowwise.classify(n, num_tokens).kind == "random" for n in nodes),
+        ))
+        claimed |= set(nodes)
     return matches, rejections
+
+
+def _reads(up: fx.Node, closed: Closed, num_tokens: Any) -> bool:
+    """Does the projection read the region's input itself (not an adapter's bottleneck)?"""
+    x = rowwise.projection_input(up, num_tokens)
+    return x in closed.token_inputs or same_value(strip_token_views(x, num_tokens), closed.source)
+
+
+def _check_output(closed: Closed) -> str | None:
+    out, src = tensor_value(closed.output), tensor_value(closed.source)
+    if out is None or src is None or (out.dim() != 2 and tuple(out.shape[:-1]) != tuple(src.shape[:-1])):
+        return "the output's token dims differ from the input's"
+    return None
 
 
 def _order(graph: fx.Graph):
     index = {n: i for i, n in enumerate(graph.nodes)}
     return lambda n: index[n]
-
-
-def _external_inputs(match: MlpMatch, num_tokens: Any) -> list[fx.Node]:
-    """Nodes the region reads that are not token data: weights, biases, feature-wise tensors."""
-    region = set(match.nodes)
-    token_inputs = {rowwise.projection_input(u, num_tokens) for u in match.ups}
-    params: list[fx.Node] = []
-    for n in match.nodes:
-        for a in arg_nodes(n):
-            if a in region or a in params:
-                continue
-            if n in match.ups and a in token_inputs:
-                continue
-            params.append(a)
-    return params

@@ -25,7 +25,6 @@ from .match_mlp import find_mlps
 from .match_moe import find_moes
 from .options import Options, default_loss_tiles, default_num_tiles
 from .region import build_layout_program, build_loss_program, build_tile_program, program_key
-from .rowwise import projection_input
 from .report import Record, logger
 from .rewrite import hoist_before, splice_tiled_region
 
@@ -100,17 +99,12 @@ def tile_mlps(gm: fx.GraphModule, ctx: PassContext) -> int:
     autocast = autocast_state(gm.graph)
     _reject(ctx, "mlp", rejections)
     for m in matches:
-        program = build_tile_program(m.nodes, _token_inputs(m), m.params, [m.output], m.num_tokens)
+        program = build_tile_program(m.nodes, m.token_inputs, m.params, [m.output], m.num_tokens)
         out = tensor_value(m.output)
         spec = runtime.OutputSpec(tuple(int(s) for s in out.shape[-1:]), out.dtype)
         _tile_region(gm, ctx, "mlp", m, program, [spec], autocast.get(m.down), hint(m.num_tokens),
                      m.intermediate, [m.output], m.ups + m.inner, uses_rng=m.uses_rng)
     return _cleanup(gm, len(matches))
-
-
-def _token_inputs(m) -> set[fx.Node]:
-    """The nodes through which the ups read x (x itself, or a view flattening it)."""
-    return {projection_input(u, m.num_tokens) for u in m.ups}
 
 
 def tile_moes(gm: fx.GraphModule, ctx: PassContext) -> int:

@@ -1,0 +1,151 @@
+"""PEFT LoRA on the MLP projections: every MLP is tiled as one region, adapters included,
+exactly as eager PEFT in float64 (loss, logits, every trainable gradient); the frozen base
+gets no gradient computed or returned; records name modules as named_modules() does."""
+import pytest
+import torch
+
+import tilepass
+from tilepass import runtime
+from tilepass.tiny_models import tiny_model
+
+from conftest import assert_close_results, rejected, rewritten, train_step
+
+peft = pytest.importorskip("peft")
+
+BATCH, SEQ = 2, 37  # 74 tokens: no tile count used below divides it
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MLP_ONLY = ["gate_proj", "up_proj", "down_proj"]
+
+
+def _peft_model(arch, targets, dropout=0.0, **overrides):
+    model = tiny_model(arch, **overrides).double()
+    torch.manual_seed(5)
+    # init_lora_weights=False: lora_B is random too, so every adapter changes the output
+    # and both A and B get non-trivial gradients.
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout,
+                             init_lora_weights=False, fan_in_fan_out=arch == "gpt2")
+    return peft.get_peft_model(model, config).double()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (BATCH, SEQ), generator=g)
+    return dict(input_ids=ids, labels=ids), torch.randn(BATCH, SEQ, 128, generator=g, dtype=torch.float64)
+
+
+def _mlp_modules(model):
+    return [name for name, _ in model.named_modules() if name.endswith(".mlp")]
+
+
+def _check_tiled(model, downstream="aot_eager", **options):
+    inputs, weights = _inputs()
+    want = train_step(model, inputs, weights)
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream=downstream, **options))
+    got = train_step(model, inputs, weights, call=compiled)
+    assert_close_results(got, want, rtol=1e-10, atol=1e-10)
+    done = rewritten()
+    names = _mlp_modules(model)
+    if model.base_model.model.config.model_type == "gpt2":
+        # GPT-2 breaks the graph at its loss, so Dynamo compiles GPT2LMHeadModel.forward as
+        # its own frame, and paths are relative to that module (base_model.model)
+        names = [n.removeprefix("base_model.model.") for n in names]
+    assert [r.module for r in done] == names, [(r.module, r.reason) for r in tilepass.report()]
+    assert all(r.tiles >= 2 for r in done)
+    assert not rejected()
+    return got
+
+
+@pytest.mark.parametrize("arch,targets", [
+    ("llama", ALL_LINEAR),
+    ("qwen3", MLP_ONLY),
+    ("phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    ("gpt2", ["c_attn", "c_fc", "c_proj"]),
+])
+def test_lora_mlps_tiled_exactly(arch, targets):
+    model = _peft_model(arch, targets)
+    _, _, grads = _check_tiled(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(grads) == trainable and all("lora_" in n for n in trainable)
+
+
+def test_lora_on_the_down_projection_only():
+    _check_tiled(_peft_model("llama", ["down_proj"]), num_tiles=3)
+
+
+def test_lora_with_bias_and_a_trained_base():
+    """Adapters with a trainable base (modules_to_save-like: every weight trains)."""
+    model = _peft_model("llama", MLP_ONLY)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    _check_tiled(model, tile_tokens=16)
+
+
+def test_frozen_base_gets_no_gradient_computed_or_returned(monkeypatch):
+    """Only the adapters train: the tiled backward is told so, and returns nothing (an
+    empty tensor, None to autograd) for a frozen weight."""
+    model = _peft_model("llama", MLP_ONLY)
+    seen = []
+    inner = runtime.run_tiled_backward
+
+    def spy(key, x, params, grads, num_tiles, tile_tokens, needs_grad, rng=None):
+        out = inner(key, x, params, grads, num_tiles, tile_tokens, needs_grad, rng)
+        seen.append((list(needs_grad[1:]), [p.shape for p in params], [o.numel() for o in out[1:]]))
+        return out
+
+    monkeypatch.setattr(runtime, "run_tiled_backward", spy)
+    _check_tiled(model, num_tiles=4)
+    assert len(seen) == 2  # one backward per layer's region
+    for needs, shapes, returned in seen:
+        lora = [s for s, need in zip(shapes, needs) if need]
+        assert len(lora) == 6 and all(4 in s for s in lora)  # A and B of gate, up and down (r=4)
+        assert len(needs) - len(lora) == 3  # the three frozen base weights
+        assert all(n == 0 for n, need in zip(returned, needs) if not need)
+
+
+def test_inductor_downstream():
+    model = _peft_model("qwen3", MLP_ONLY)
+    inputs, weights = _inputs()
+    plain = train_step(model, inputs, weights, call=torch.compile(model, backend="inductor"))
+    tilepass.reset()
+    compiled = torch.compile(model, backend="tilepass", options=dict(num_tiles=5, attention=False))
+    got = train_step(model, inputs, weights, call=compiled)
+    assert_close_results(got, plain, rtol=1e-7, atol=1e-8)  # RoPE in float32: see test_hf_models
+    assert len(rewritten()) == 2
+
+
+def test_lora_dropout_one_tile_draws_exactly_the_eager_masks():
+    """lora_dropout=0.1: with one tile the region draws its masks like eager PEFT, from
+    the same generator state, so loss and every gradient are eager's."""
+    model = _peft_model("llama", ALL_LINEAR, dropout=0.1)
+    inputs, weights = _inputs()
+    torch.manual_seed(123)
+    want = train_step(model, inputs, weights)
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=1))
+    torch.manual_seed(123)
+    got = train_step(model, inputs, weights, call=compiled)
+    assert_close_results(got, want, rtol=1e-10, atol=1e-10)
+    assert [r.tiles for r in rewritten()] == [1, 1] and not rejected()
+
+
+def test_lora_dropout_recompute_replays_the_forward_masks():
+    """With 5 tiles the masks are drawn tile by tile (not eager's), so the check is an
+    identity of the function the forward computed: a LoRA'd MLP without biases,
+    y = W_d m + s B_d A_d drop(m) (m = act(gate(x)) * up(x), adapters with dropout on gate
+    and up too), is linear in (W_d, B_d) jointly, so <dL/dW_d, W_d> + <dL/dB_d, B_d> =
+    <dL/dy, y> exactly, for the masks the forward drew. A recompute with other masks (in
+    gate, up or down) breaks it. The caller's generator is left where the forward left it."""
+    model = _peft_model("llama", MLP_ONLY, dropout=0.1)
+    mlp = model.base_model.model.model.layers[0].mlp
+    w_down, b_down = mlp.down_proj.base_layer.weight, mlp.down_proj.lora_B["default"].weight
+    w_down.requires_grad_(True)
+    x = torch.randn(BATCH, SEQ, 64, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(BATCH, SEQ, 64, dtype=torch.float64)
+    compiled = torch.compile(mlp, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=5))
+    torch.manual_seed(7)
+    y = compiled(x)
+    after_forward = torch.get_rng_state()
+    dw, db = torch.autograd.grad(y, [w_down, b_down], g)
+    assert torch.equal(torch.get_rng_state(), after_forward)
+    torch.testing.assert_close((dw * w_down).sum() + (db * b_down).sum(), (y * g).sum(), rtol=1e-12, atol=1e-12)
+    [r] = rewritten()
+    assert r.tiles == 5 and not rejected()
