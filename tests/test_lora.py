@@ -149,3 +149,23 @@ def test_lora_dropout_recompute_replays_the_forward_masks():
     torch.testing.assert_close((dw * w_down).sum() + (db * b_down).sum(), (y * g).sum(), rtol=1e-12, atol=1e-12)
     [r] = rewritten()
     assert r.tiles == 5 and not rejected()
+
+
+def test_lora_on_a_moe_shared_expert_and_its_gate():
+    """Qwen2-MoE with LoRA on the shared expert's projections and on its sigmoid gate: the
+    adapters are part of the MoE block's region (one per layer), exact in float64."""
+    from tilepass.tiny_models import tiny_model as build
+
+    model = build("qwen2_moe", experts_implementation="batched_mm").double()
+    torch.manual_seed(5)
+    targets = ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj", "shared_expert_gate"]
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                       init_lora_weights=False)).double()
+    inputs, weights = _inputs()
+    want = train_step(model, inputs, weights)
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=5))
+    got = train_step(model, inputs, weights, call=compiled)
+    assert_close_results(got, want, rtol=1e-10, atol=1e-10)
+    moe = rewritten("moe")
+    assert [r.module for r in moe] == [f"base_model.model.model.layers.{i}.mlp" for i in range(2)]
+    assert not rejected("moe") and not rewritten() and not rejected()

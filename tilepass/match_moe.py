@@ -48,7 +48,11 @@ class MoeRejection:
 
 
 _ROUTING_OPS = {torch.topk}
-_PASS_THROUGH = {"float", "to", "softmax", "sigmoid", "type", "contiguous"}
+_CASTS = {"float", "double", "half", "bfloat16", "to", "type", "contiguous"}
+# A router's scores reach its topk through a few row-wise ops (softmax or sigmoid, a
+# score-correction bias, a group view, a mask of the kept groups); past this many the
+# topk is not a router's.
+_MAX_ROUTER_DEPTH = 24
 
 
 def _is_routing(node: fx.Node) -> bool:
@@ -56,22 +60,41 @@ def _is_routing(node: fx.Node) -> bool:
 
 
 def _router_source(topk: fx.Node) -> fx.Node | None:
-    """x in ``topk(softmax?(linear(x, W_router)))``, before token reshapes."""
+    """x in ``topk(f(linear(x, W_router)))``, before token reshapes and casts. ``f`` is
+    followed through first arguments (the scores: ``softmax``, ``sigmoid``, ``+ bias``,
+    a group ``view``, ``masked_fill``...); whether it is row-wise is the region
+    analysis's to prove, not this search's."""
     n = topk.args[0]
-    while isinstance(n, fx.Node) and op_name(n) in _PASS_THROUGH and n.args:
-        n = n.args[0]
-    if not isinstance(n, fx.Node):
-        return None
-    xv = tensor_value(rowwise.matmul_operands(n)[0]) if rowwise.matmul_operands(n) else None
-    if xv is None or xv.dim() < 2:
+    for _ in range(_MAX_ROUTER_DEPTH):
+        if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
+            return None
+        ops = rowwise.matmul_operands(n)
+        xv = tensor_value(ops[0]) if ops else None
+        if xv is not None and xv.dim() >= 2:
+            break
+        n = n.args[0] if n.args else None
+    else:
         return None
     num_tokens = leading_numel(xv)
     x = rowwise.projection_input(n, num_tokens)
     if x is None:
         return None
-    while x.op in ("call_function", "call_method") and rowwise.classify(x, num_tokens).kind == "view":
+    # A cast that only the router reads (``x.view(-1, H).type(torch.float32)``) is the
+    # router's; the experts read x itself.
+    router_only = len(x.users) == 1
+    while x.op in ("call_function", "call_method") and (
+        rowwise.classify(x, num_tokens).kind == "view" or (_is_cast(x) and router_only)
+    ):
         x = x.args[0]
+        router_only = router_only and len(x.users) == 1
     return x
+
+
+def _is_cast(node: fx.Node) -> bool:
+    """``x.float()``, ``x.to(torch.float32)``, ``x.type(torch.float32)``: same rows, another dtype."""
+    if node.op != "call_method" or node.target not in _CASTS or node.kwargs.get("device") is not None:
+        return False
+    return all(isinstance(a, torch.dtype) for a in node.args[1:])
 
 
 def _is_param_placeholder(node: fx.Node) -> bool:
@@ -168,8 +191,11 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
         if analysis.experts > experts_before or any(a in expert_derived for a in args):
             expert_derived.add(n)
 
-    module = common_module(region or [seed])
-    k = seed.args[1] if len(seed.args) > 1 else seed.kwargs.get("k")
+    module = common_module(region or [seed]) or common_module([seed])
+    # top-k: rows per token after dispatch (the seed may be a group-limited router's first topk)
+    k = max((lay.m for lay in analysis.layouts.values() if isinstance(lay, Tok)), default=1)
+    if k == 1:  # no dispatch seen: the seed's own k
+        k = seed.args[1] if len(seed.args) > 1 else seed.kwargs.get("k", 1)
     dispatch = "grouped_mm" if any(op_name(n) in ("grouped_mm_fallback", "grouped_mm", "_grouped_mm") for n in region) else "batched_mm"
     shared = any(rowwise.projection_input(n, num_tokens) is not None and n is not seed.args[0] for n in region
                  if rowwise.is_matmul(n) and example_value(rowwise.matmul_operands(n)[1]) is not None
@@ -180,7 +206,9 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
     if seed not in in_region:
         return MoeRejection(seed, first_stop or "the router is not row-wise", module, pattern, region)
     if analysis.experts == 0:
-        reason = first_stop or "the routed experts are not in this graph (experts_implementation='eager' breaks the graph around each expert)"
+        reason = ("the routed experts are not in this graph (experts_implementation='eager' breaks the graph around "
+                  "each expert)" if first_stop is None else
+                  f"the routed experts are not in this graph; the routing is followed up to: {first_stop}")
         return MoeRejection(seed, reason, module, pattern, region)
     # The block's output: the last value computed from the experts that is back in token
     # order and read outside. The region is what it needs; the rest (e.g. an aux loss

@@ -7,6 +7,23 @@ from typing import Any
 
 ARCHS = ("llama", "qwen3", "gemma2", "phi3", "gpt2", "mistral")
 MOE_ARCHS = ("gpt_oss", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+# More MoE router forms (tests/test_moe_families.py): sigmoid scores with group-limited top-k,
+# a score-correction bias and routed scaling (DeepSeek-V3, GLM-4-MoE), softmax with a
+# score-correction bias and clamped renormalisation (ERNIE 4.5), ``type_as`` casts (Granite),
+# a post-norm on the block's output (FlexOlmo), and a router that leaves the graph (JetMoE).
+EXTRA_MOE_ARCHS = ("deepseek_v3", "glm4_moe", "ernie4_5_moe", "granitemoe", "flex_olmo", "jetmoe")
+_GROUPED = dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, n_shared_experts=1,
+                first_k_dense_replace=0, moe_intermediate_size=48, norm_topk_prob=True, routed_scaling_factor=2.5)
+_EXTRA = {
+    "deepseek_v3": dict(_GROUPED, head_dim=8, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16),
+    "glm4_moe": dict(_GROUPED, partial_rotary_factor=0.5),
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=48, moe_num_shared_experts=1,
+                         moe_layer_start_index=0, moe_layer_interval=1),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "flex_olmo": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48),
+    "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2),
+}
 
 _COMMON = dict(
     hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -19,8 +36,8 @@ def tiny_config(arch: str, **overrides: Any):
     """A small config of family ``arch`` (one of :data:`ARCHS`)."""
     import transformers
 
-    if arch not in ARCHS + MOE_ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS + MOE_ARCHS)}")
+    if arch not in ARCHS + MOE_ARCHS + EXTRA_MOE_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS + MOE_ARCHS + EXTRA_MOE_ARCHS)}")
     if arch == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_inner=256, vocab_size=128, n_positions=256,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
@@ -36,6 +53,8 @@ def tiny_config(arch: str, **overrides: Any):
         kw.update(num_local_experts=4, num_experts=4, num_experts_per_tok=2, experts_per_token=2,
                   moe_intermediate_size=48, shared_expert_intermediate_size=96,
                   output_router_logits=True, router_aux_loss_coef=0.5)
+    if arch in EXTRA_MOE_ARCHS:
+        kw.update(_EXTRA[arch], output_router_logits=True, router_aux_loss_coef=0.5)
     kw.update(overrides)
     return transformers.AutoConfig.for_model(arch, **kw)
 

@@ -227,6 +227,10 @@ class LayoutAnalysis:
                 return src  # e.g. sorted expert ids or offsets cast to int32
         if _is(node, _VIEW_FUNCTIONS, _VIEW_METHODS):
             return self._view(node)
+        if _is(node, set(), {"type_as"}) and isinstance(self.of(args[0]), (Tok, Ext)):
+            return self.of(args[0])  # the other tensor gives only its dtype
+        if _is(node, set(), {"expand"}):
+            return self._expand(node)
         if _is(node, _BMM, {"bmm", "matmul"}) and not rowwise.matmul_operands(node) or _is(node, {torch.bmm}, {"bmm"}):
             return self._bmm(node)
         if rowwise.is_matmul(node):
@@ -356,6 +360,15 @@ class LayoutAnalysis:
         if len(shape) >= 2 and shape[0] * shape[1] == self.T and math.prod(shape[2:]) == per_token and src.perm is None:
             return Tok(1, None, 2)
         raise NotTokenwise(f"op `{op_name(node)}` regroups rows across tokens")
+
+    def _expand(self, node: fx.Node) -> Any:
+        """``x.expand(-1, ...)``: broadcasts within each row, keeps the rows where they are."""
+        src, val = self.of(node.args[0]), example_value(node.args[0])
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        if (isinstance(src, Tok) and src.row_dims == 1 and isinstance(val, torch.Tensor)
+                and len(sizes) == val.dim() and sizes[0] == -1):
+            return src
+        raise NotTokenwise("op `expand` other than within each row (-1 for the rows)")
 
     def _generic(self, node: fx.Node) -> Any:
         name = op_name(node)
