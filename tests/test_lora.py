@@ -38,9 +38,11 @@ def _mlp_modules(model):
 
 
 def _check_tiled(model, downstream="aot_eager", **options):
+    # loss=False: the MLPs are the point here; the tiled loss sums transformers' float32
+    # loss in float64 (test_loss.py), which would move the loss value by float32 ulps.
     inputs, weights = _inputs()
     want = train_step(model, inputs, weights)
-    compiled = torch.compile(model, backend="tilepass", options=dict(downstream=downstream, **options))
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream=downstream, loss=False, **options))
     got = train_step(model, inputs, weights, call=compiled)
     assert_close_results(got, want, rtol=1e-10, atol=1e-10)
     done = rewritten()
@@ -66,6 +68,20 @@ def test_lora_mlps_tiled_exactly(arch, targets):
     _, _, grads = _check_tiled(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(grads) == trainable and all("lora_" in n for n in trainable)
+
+
+def test_with_the_loss_region_too():
+    """The defaults (the loss pass on): the LM head + loss is tiled next to the LoRA'd MLPs;
+    transformers' float32 loss value to float32 rounding (as in test_loss.py), logits and
+    every adapter gradient to 1e-10."""
+    model = _peft_model("llama", ALL_LINEAR)
+    inputs, weights = _inputs()
+    want = train_step(model, inputs, weights)
+    got = train_step(model, inputs, weights, call=torch.compile(model, backend="tilepass",
+                                                                 options=dict(downstream="aot_eager")))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0.0)
+    assert_close_results((want[0], *got[1:]), want, rtol=1e-10, atol=1e-10)
+    assert len(rewritten()) == 2 and len(rewritten("loss")) == 1 and not rejected()
 
 
 def test_lora_on_the_down_projection_only():
@@ -107,7 +123,7 @@ def test_inductor_downstream():
     inputs, weights = _inputs()
     plain = train_step(model, inputs, weights, call=torch.compile(model, backend="inductor"))
     tilepass.reset()
-    compiled = torch.compile(model, backend="tilepass", options=dict(num_tiles=5, attention=False))
+    compiled = torch.compile(model, backend="tilepass", options=dict(num_tiles=5, attention=False, loss=False))
     got = train_step(model, inputs, weights, call=compiled)
     assert_close_results(got, plain, rtol=1e-7, atol=1e-8)  # RoPE in float32: see test_hf_models
     assert len(rewritten()) == 2
@@ -120,7 +136,7 @@ def test_lora_dropout_one_tile_draws_exactly_the_eager_masks():
     inputs, weights = _inputs()
     torch.manual_seed(123)
     want = train_step(model, inputs, weights)
-    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=1))
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=1, loss=False))
     torch.manual_seed(123)
     got = train_step(model, inputs, weights, call=compiled)
     assert_close_results(got, want, rtol=1e-10, atol=1e-10)
@@ -163,7 +179,7 @@ def test_lora_on_a_moe_shared_expert_and_its_gate():
                                                        init_lora_weights=False)).double()
     inputs, weights = _inputs()
     want = train_step(model, inputs, weights)
-    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=5))
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=5, loss=False))
     got = train_step(model, inputs, weights, call=compiled)
     assert_close_results(got, want, rtol=1e-10, atol=1e-10)
     moe = rewritten("moe")
