@@ -79,6 +79,8 @@ def close_region(seed: Iterable[fx.Node], output: fx.Node, num_tokens: Any, what
     while True:
         inputs = _inputs(region, num_tokens)
         sources = {strip_token_views(a, num_tokens) for a in inputs}
+        if not sources:
+            return f"{what} reads no token tensor"
         first = min(sources, key=order.__getitem__)
         if len(sources) == 1 or all(same_value(s, first) for s in sources):
             break
