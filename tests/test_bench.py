@@ -136,20 +136,6 @@ def test_max_seq_fits_a_parabola_for_variants_with_a_dense_mask(monkeypatch, tmp
     assert row["error"] == "2 probes fit; the parabola needs 3" and "max_seq" not in row
 
 
-def test_profile_step_smoke(tmp_path):
-    """tools/profile_step.py on CPU: one profiled step per variant, the tiled ops counted."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import profile_step
-
-    eager, tiled = profile_step.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--model", "moe",
-                                      "--seq", "64", "--variants", "eager,tilepass", "--top", "3",
-                                      "--out", str(tmp_path)])
-    assert eager["tiled"] == {} and eager["wall_s"] > 0
-    assert tiled["tiled"]["tilepass::tiled_forward"][0] >= 1 and tiled["tiled"]["tilepass::tiled_backward"][0] == 1
-    assert (tmp_path / "profile_moe_tilepass.txt").read_text().strip()
-
-
-
 def test_plots_of_the_committed_results(tmp_path):
     """tools/plot_bench.py draws each kind of result file docs/benchmarks.md shows: lines
     over lengths, bars at one length, the longest-sequence chart over several files
