@@ -94,7 +94,16 @@ def test_env_var_dumps_are_stable_across_runs(tmp_path):
             assert (g0 / f).read_text() == (g1 / f).read_text(), f
 
 
-def test_cli_dump_and_explain(tmp_path):
+def _explain(capsys, *args):
+    """``tilepass explain`` in this process (the subprocess tests above cover ``python -m tilepass``)."""
+    from tilepass.cli import main
+
+    code = main(["explain", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_dump(tmp_path):
     res = _run(["-m", "tilepass", "dump", "--arch", "mixtral", "--seq", "12", "--out", str(tmp_path / "d"),
                 "--option", "num_tiles=3"])
     assert res.returncode == 0, res.stderr[-2000:]
@@ -104,21 +113,25 @@ def test_cli_dump_and_explain(tmp_path):
         jsonschema.validate(report, REPORT_SCHEMA)
         assert report["options"]["num_tiles"] == 3
     assert [r["kind"] for rep in reports for r in rep["regions"]] == ["moe", "moe", "loss"]
-
-    res = _run(["-m", "tilepass", "explain", "--arch", "gpt2", "--seq", "12", "--eval"], cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "mlp_gelu_tanh" in res.stdout and not (tmp_path / "tilepass_dump").exists()
-    assert "pass attention: off (downstream='aot_eager'; flex attention is only fast under inductor" in res.stdout
-    res = _run(["-m", "tilepass", "explain", "--arch", "llama", "--seq", "12", "--eval", "--option", "mlp=false",
-                "--option", "attention_kernel=flex", "--downstream", "inductor"], cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "pass mlp: off (mlp=False)" in res.stdout and "rewritten  attention" in res.stdout and "-> flex" in res.stdout
-
     res = _run(["-m", "tilepass", "explain", "--arch", "llama", "--option", "num_tile=3"])
     assert res.returncode == 2 and "unknown tilepass option 'num_tile'" in res.stderr
 
 
-def test_cli_checkpointed_layers_and_save_attention(tmp_path):
+def test_cli_explain(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = _explain(capsys, "--arch", "gpt2", "--seq", "12", "--eval")
+    assert code == 0
+    assert "mlp_gelu_tanh" in out and not (tmp_path / "tilepass_dump").exists()
+    assert "pass attention: off (downstream='aot_eager'; flex attention is only fast under inductor" in out
+    code, out, _ = _explain(capsys, "--arch", "llama", "--seq", "12", "--eval", "--option", "mlp=false",
+                            "--option", "attention_kernel=flex", "--downstream", "inductor")
+    assert code == 0
+    assert "pass mlp: off (mlp=False)" in out and "rewritten  attention" in out and "-> flex" in out
+    code, out, err = _explain(capsys, "--arch", "llama", "--option", "num_tile=3")
+    assert code == 2 and "unknown tilepass option 'num_tile'" in err and out == ""
+
+
+def test_cli_checkpointed_layers_and_save_attention(tmp_path, monkeypatch, capsys):
     """--checkpoint runs the model as long-context training does (layer checkpointing): the
     dump shows each layer's policy as a row, valid against the schema, and its page renders."""
     res = _run(["-m", "tilepass", "dump", "--arch", "llama", "--seq", "24", "--checkpoint", "--downstream", "inductor",
@@ -133,16 +146,18 @@ def test_cli_checkpointed_layers_and_save_attention(tmp_path):
     pages = "".join((g / "graph.html").read_text() for g in _graph_dirs(tmp_path / "d"))
     assert pages.count("the outputs of SDPA's fused kernels are kept for the backward") == 2
     assert "2 regions tiled, 2 attention sites routed, 2 layers keeping attention's outputs" in pages
-    res = _run(["-m", "tilepass", "explain", "--arch", "llama", "--seq", "12", "--eval"], cwd=tmp_path)
-    assert "save_attention" not in res.stdout  # an opt-in pass that is off is not news
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = _explain(capsys, "--arch", "llama", "--seq", "12", "--eval")
+    assert code == 0 and "rewritten  mlp" in out
+    assert "save_attention" not in out  # an opt-in pass that is off is not news
 
 
-def test_cli_local_config_json(tmp_path):
+def test_cli_local_config_json(tmp_path, capsys):
     cfg = tilepass.tiny_models.tiny_config("qwen3").to_dict()
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    res = _run(["-m", "tilepass", "explain", "--config", str(tmp_path / "config.json"), "--seq", "8"])
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.count("rewritten  mlp") == 2
+    code, out, _ = _explain(capsys, "--config", str(tmp_path / "config.json"), "--seq", "8")
+    assert code == 0
+    assert out.count("rewritten  mlp") == 2
 
 
 def test_torch_trace_artifacts(tmp_path):
