@@ -12,13 +12,17 @@
 #   moe          MoE 4-layer stack at 64K: eager, defaults, save_attention, tokens per tile
 #   max_seq      the longest sequence of the 16-layer dense stack, per variant
 #   memory_peak  what is alive at the peak of one step (dense, 4 layers, 64K)
+#   causal       causal LM (loss from labels) at 64K: tilepass+skip, liger (FLCE), cce, +save+skip, defaults, eager
+#   causal_max_seq  the longest sequence of the 16-layer causal LM: tilepass+skip, liger, eager
+#   lora         dense stack with PEFT LoRA (r 16, all linear, base frozen) at 64K: tilepass, tilepass+save, eager
 #
 # Overrides: SEQS and VARIANTS (for a bench or max_seq run), NAME (its JSON file's name),
 # LIMIT (seconds per run, default 540; every run also stops 15 s before TOTAL=580 s in all).
-# Liger (the liger variant): `pip download --no-deps liger-kernel -d .whl` here, carry ".whl".
+# Liger and Cut Cross-Entropy (the liger and cce variants): `pip download --no-deps liger-kernel==0.8.5
+# cut-cross-entropy -d .whl` here, carry ".whl".
 set -uo pipefail
-RUNS=" tests suite dense save cudnn moe max_seq memory_peak "
-[ $# -gt 0 ] || { sed -n '5,14p' "$0"; exit 2; }
+RUNS=" tests suite dense save cudnn moe max_seq memory_peak causal causal_max_seq lora "
+[ $# -gt 0 ] || { sed -n '5,17p' "$0"; exit 2; }
 for r in "$@"; do
   [[ "$RUNS" == *" $r "* ]] || { echo "unknown run '$r' (valid:$RUNS)"; exit 2; }
 done
@@ -62,5 +66,11 @@ for r in "$@"; do
              --out "$OUT/${NAME:-max_seq_h200}.json" ;;
     memory_peak) run memory_peak "${LIMIT:-300}" python3 tools/memory_peak.py --layers 4 --seq ${SEQS:-65536} \
              --variants "${VARIANTS:-tilepass,tilepass+flex,eager}" --top 14 --out "$OUT/${NAME:-memory_peak_dense_h200}.json" ;;
+    causal) bench bench_causal_h200 --model causal --layers 4 --seqs ${SEQS:-65536} \
+             --variants "${VARIANTS:-tilepass+skip,liger,cce,tilepass+save+skip,tilepass,eager}" ;;
+    causal_max_seq) run causal_max_seq "${LIMIT:-540}" python3 tools/max_seq.py --model causal --layers 16 \
+             --variants "${VARIANTS:-tilepass+skip,liger,eager}" --probe ${SEQS:-32768 65536} --cap 393216 \
+             --time-budget $(( $(capped "${LIMIT:-540}") - 30 )) --out "$OUT/${NAME:-max_seq_causal_h200}.json" ;;
+    lora) bench bench_lora_h200 --lora --layers 4 --seqs ${SEQS:-65536} --variants "${VARIANTS:-tilepass,tilepass+save,eager}" ;;
   esac
 done
