@@ -42,6 +42,13 @@ def test_dense_smoke(tmp_path, ckpt, variants):
     assert rows["tilepass-mlp"]["routed_attention"] == rows["tilepass+flex"]["routed_attention"] == 0
 
 
+def test_causal_smoke(tmp_path):
+    """The causal LM trained from labels: the LM head + loss is one region, its logits dropped."""
+    data = _bench(tmp_path, "--model", "causal", "--seqs", "32", "--variants", "tilepass+skip")
+    [row] = data["rows"]
+    assert row["loss_regions"] == 1 and row["kept_logits_gib"] == 0 and row["rejected"] == []
+
+
 def test_moe_smoke(tmp_path):
     data = _bench(tmp_path, "--model", "moe", "--seqs", "32", "--variants", "tilepass")
     [row] = data["rows"]
@@ -243,5 +250,5 @@ def test_cudnn_modifier_needs_cuda_and_unknown_variants_name_the_valid_ones():
     cpu = types.SimpleNamespace(device="cpu")
     with pytest.raises(ValueError, match="needs CUDA"):
         bench.make_step(None, "tilepass+save+cudnn", cpu)
-    with pytest.raises(ValueError, match=r"valid: eager, compile, liger, tilepass-mlp.*'\+cudnn' last"):
+    with pytest.raises(ValueError, match=r"valid: eager, compile, liger, cce, tilepass-mlp.*'\+cudnn' last"):
         bench.make_step(None, "tilepass+bogus", cpu)
