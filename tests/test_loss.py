@@ -169,6 +169,33 @@ def test_hand_written_head_float64(name, tiling):
     assert record.tiles == (4 if "num_tiles" in tiling else 5) and record.logits_bytes == 0
 
 
+def test_compiled_tile_float64():
+    """loss_kernel="compiled": each tile's program runs through inductor (two tile shapes:
+    16 tokens and a shorter last one), exact in float64 with a bias, softcap, a learned
+    logit scale and label smoothing, for the expected gradient and another one."""
+    torch.manual_seed(0)
+    model = Head(bias=True, softcap=3.0, scaled=True, smoothing=0.1).double()
+    ids = torch.randint(0, 96, (2, 37))
+    labels = _labels(ids)
+    labels[1, :20] = -100
+
+    def run(fn, scale):
+        model.zero_grad(set_to_none=True)
+        loss = fn(ids, labels)
+        (loss * scale).backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", tile_tokens=16,
+                                                                      loss_kernel="compiled"))
+    for scale in (1.0, 0.37):
+        want, got = run(model, scale), run(compiled, scale)
+        torch.testing.assert_close(got[0], want[0], **EXACT)
+        _assert_grads(got[1], want[1])
+    [record] = rewritten("loss")
+    assert record.kernel == "compiled" and record.shown_pattern.endswith("-> compiled")
+    region = tilepass.runtime.registered_region(record.region_key)
+    assert region.compile_tile and region.compiled_fn is not None  # the tiles did run compiled
+
 
 def test_sum_divided_by_a_tensor_count():
     """Trainer's form: reduction="sum" then `/ num_items_in_batch` (a tensor computed elsewhere)."""

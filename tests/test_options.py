@@ -20,7 +20,7 @@ def test_defaults():
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, moe, loss, skip_logits, attention, attention_kernel, save_attention, accumulate_fp32"),
+        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, moe, loss, skip_logits, loss_kernel, attention, attention_kernel, save_attention, accumulate_fp32"),
         ({"num_tiles": 0}, r"'num_tiles' must be a positive int"),
         ({"num_tiles": True}, r"'num_tiles' must be a positive int"),
         ({"tile_tokens": 2.5}, r"'tile_tokens' must be a positive int"),
@@ -30,6 +30,7 @@ def test_defaults():
         ({"accumulate_fp32": 1}, r"'accumulate_fp32' must be True or False"),
         ({"moe": None}, r"'moe' must be True or False"),
         ({"attention_kernel": "flash"}, r"'attention_kernel' must be one of 'auto', 'flex', got 'flash'"),
+        ({"loss_kernel": "triton"}, r"'loss_kernel' must be one of 'auto', 'compiled', 'eager', got 'triton'"),
     ],
 )
 def test_bad_options_raise_one_clear_error(options, match):
@@ -37,6 +38,17 @@ def test_bad_options_raise_one_clear_error(options, match):
         Options.parse(options)
     with pytest.raises(OptionsError, match=match):
         tilepass.backend(**options)
+
+
+@pytest.mark.parametrize("triton", [True, False])
+def test_loss_kernel_auto_compiles_on_cuda_with_inductor_only(monkeypatch, triton):
+    monkeypatch.setattr(compat, "has_triton", lambda: triton)
+    auto = Options.parse(None)
+    assert auto.compile_loss_tile("cuda") is triton
+    assert not auto.compile_loss_tile("cpu")
+    assert not Options.parse(downstream="aot_eager").compile_loss_tile("cuda")
+    assert Options.parse(loss_kernel="compiled").compile_loss_tile("cpu")
+    assert not Options.parse(loss_kernel="eager").compile_loss_tile("cuda")
 
 
 def test_bad_options_through_torch_compile():

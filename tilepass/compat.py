@@ -57,3 +57,12 @@ def autograd_inside_custom_op() -> Iterator[None]:
             exclude = exclude.remove(key)
     with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
         yield
+
+
+def has_triton() -> bool:
+    """Can inductor generate GPU kernels here (is a working triton installed)?"""
+    try:
+        from torch.utils._triton import has_triton as _has_triton
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return False
+    return bool(_has_triton())

@@ -32,13 +32,14 @@ import torch
 from torch import Tensor
 
 from . import compat
-from .runtime import _autocast, registered_region, tile_sizes
+from .runtime import _autocast, registered_region, tile_program, tile_sizes
 
 
 def run_tiled_loss(key: str, x: Tensor, target: Tensor, scale: Tensor, params: Sequence[Tensor], num_tiles: int,
                    tile_tokens: int, needs_grad: Sequence[bool]) -> list[Tensor]:
     """``[loss, dx, *dparams]``; a gradient whose ``needs_grad`` is False is an empty tensor."""
     region = registered_region(key)
+    fn = tile_program(region)
     loss_dtype = region.outputs[0].dtype
     need_x, need_p = bool(needs_grad[0]), [bool(b) for b in needs_grad[1:]]
     training = need_x or any(need_p)
@@ -52,7 +53,7 @@ def run_tiled_loss(key: str, x: Tensor, target: Tensor, scale: Tensor, params: S
         for size in tile_sizes(x.shape[0], num_tiles, tile_tokens):
             x_tile = x.narrow(0, start, size).detach().requires_grad_(need_x)
             with _autocast(region):
-                (loss,) = region.fn(x_tile, target.narrow(0, start, size), *leaves)
+                (loss,) = fn(x_tile, target.narrow(0, start, size), *leaves)
             total += loss.detach().double()
             inputs = ([x_tile] if need_x else []) + wanted
             if inputs and loss.requires_grad:

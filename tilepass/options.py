@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from . import compat
+
 DOWNSTREAMS = ("inductor", "aot_eager", "eager")
 ATTENTION_KERNELS = ("auto", "flex")
+LOSS_KERNELS = ("auto", "compiled", "eager")
 
 
 class OptionsError(ValueError):
@@ -37,6 +40,13 @@ class Options:
     #: logits it reads (``CausalLMOutput.logits``) instead of materialising them
     #: (``[tokens, vocab]`` in the model's dtype). Default: the logits are kept, exactly.
     skip_logits: bool = False
+    #: How one tile of the loss region runs. "compiled": its program (LM head, row-wise ops,
+    #: cross-entropy) is compiled by inductor, so the log-softmax and its gradient are fused
+    #: kernels reading the tile's logits in the model's dtype (no float32 copy in memory);
+    #: compiled once per tile shape (twice per region: the last tile may be shorter).
+    #: "eager": eager kernels. "auto" (default): compiled on CUDA when ``downstream`` is
+    #: inductor and triton is there, eager otherwise.
+    loss_kernel: str = "auto"
     #: Route attention (SDPA, or the eager softmax form) to flex attention with a BlockMask
     #: (causal, sliding window, padding, packed documents, softcap, GPT-OSS sinks).
     #: ``None`` (default): on when ``downstream`` is inductor (flex is only fast compiled),
@@ -92,6 +102,9 @@ class Options:
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise OptionsError(f"tilepass option 'attention_kernel' must be one of "
                                f"{', '.join(map(repr, ATTENTION_KERNELS))}, got {self.attention_kernel!r}")
+        if self.loss_kernel not in LOSS_KERNELS:
+            raise OptionsError(f"tilepass option 'loss_kernel' must be one of "
+                               f"{', '.join(map(repr, LOSS_KERNELS))}, got {self.loss_kernel!r}")
         for name in ("mlp", "moe", "loss", "skip_logits", "attention", "save_attention", "accumulate_fp32"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "attention" and value is None):
@@ -102,6 +115,12 @@ class Options:
                 "tilepass option 'attention' routes to flex attention, which is only fast when inductor "
                 f"compiles it; use downstream='inductor' (got {self.downstream!r}) or attention=False"
             )
+
+    def compile_loss_tile(self, device_type: str) -> bool:
+        """Does the loss region compile its tile program on ``device_type``? (``loss_kernel``)"""
+        if self.loss_kernel != "auto":
+            return self.loss_kernel == "compiled"
+        return self.downstream == "inductor" and device_type == "cuda" and compat.has_triton()
 
     def enabled(self, switch: str) -> bool:
         """Is the pass behind option ``switch`` on? (``attention=None`` follows ``downstream``.)"""

@@ -139,8 +139,10 @@ def _tile_loss(gm: fx.GraphModule, ctx: PassContext, m: LossMatch, cast) -> None
     loss_kwargs = dict(ignore_index=m.ignore_index, reduction="sum", label_smoothing=m.label_smoothing)
     program = build_loss_program(m.chain, m.source, m.params, m.num_tokens, F.cross_entropy, loss_kwargs)
     spec = runtime.OutputSpec((), loss_value.dtype)
-    key = program_key("loss", program, (cast, ctx.options.accumulate_fp32))
-    runtime.register_region(key, runtime.RegisteredRegion(program, (spec,), cast, ctx.options.accumulate_fp32))
+    compiled = ctx.options.compile_loss_tile(src.device.type)
+    key = program_key("loss", program, (cast, ctx.options.accumulate_fp32, compiled))
+    runtime.register_region(key, runtime.RegisteredRegion(program, (spec,), cast, ctx.options.accumulate_fp32,
+                                                          compile_tile=compiled))
     ctx.programs[key] = program.code
     tokens = hint(m.num_tokens)
     num_tiles, tile_tokens = resolve_tiles(ctx.options, tokens, m.in_features, m.vocab, default_loss_tiles)
@@ -182,7 +184,7 @@ def _tile_loss(gm: fx.GraphModule, ctx: PassContext, m: LossMatch, cast) -> None
     ctx.records.append(Record(
         "rewritten", "loss", m.module, m.pattern, ctx.graph_index, tiles=len(sizes),
         tile_tokens=max(sizes) if sizes else 0, tokens=tokens, nodes=[n.name for n in m.nodes],
-        region_key=key, intermediate_bytes=inter, logits_bytes=kept,
+        region_key=key, intermediate_bytes=inter, logits_bytes=kept, kernel="compiled" if compiled else None,
         saved_bytes=max(0, inter - kept - (inter * max(sizes) // tokens if tokens else 0)),
     ))
 

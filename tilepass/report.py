@@ -22,7 +22,9 @@ class Record:
     reason: str | None = None  # why it was rejected
     nodes: list[str] = dataclasses.field(default_factory=list)
     region_key: str | None = None
-    kernel: str | None = None  # routed attention: "sdpa" (is_causal, fused kernels) or "flex"
+    # routed attention: "sdpa" (is_causal, fused kernels) or "flex"; a loss region whose
+    # tiles run compiled (option loss_kernel): "compiled"
+    kernel: str | None = None
     # Bytes of the region's intermediates over the whole sequence, and the estimated
     # activation bytes tiling saves (intermediates minus one tile's worth).
     intermediate_bytes: int | None = None

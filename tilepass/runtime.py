@@ -51,6 +51,10 @@ class RegisteredRegion:
     # The region draws random numbers (dropout): the forward returns the generator state
     # it started from as an extra output, and the backward replays the tiles from it.
     uses_rng: bool = False
+    # Run each tile through ``torch.compile(fn)`` (inductor) instead of eagerly; see
+    # :func:`tile_program`.
+    compile_tile: bool = False
+    compiled_fn: Optional[RegionFn] = dataclasses.field(default=None, repr=False, compare=False)
 
 
 _REGIONS: dict[str, RegisteredRegion] = {}
@@ -75,6 +79,26 @@ def registered_region(key: str) -> RegisteredRegion:
             "that uses it outlived tilepass.reset(); call torch._dynamo.reset() (or "
             "tilepass.reset(), which does both) and run the model again."
         ) from None
+
+
+def tile_program(region: RegisteredRegion) -> RegionFn:
+    """What one tile runs: the region's program, or (``compile_tile``) that program compiled
+    by inductor on first use. Tile shapes take at most two values per call (the last tile
+    may be shorter); Dynamo's automatic dynamic shapes make the second compile cover any
+    other length, so varying sequence lengths do not recompile per step."""
+    if not region.compile_tile:
+        return region.fn
+    if region.compiled_fn is None:
+        program = region.fn
+
+        def run_tile(*args):
+            return program(*args)
+
+        # Dynamo skips the frames of a GraphModule's own call, so it starts from this one; a
+        # code object per region gives each region its own compile cache (and recompile limit)
+        run_tile.__code__ = run_tile.__code__.replace()
+        region.compiled_fn = torch.compile(run_tile, backend="inductor", fullgraph=True)
+    return region.compiled_fn
 
 
 def tile_sizes(num_tokens: int, num_tiles: int = 0, tile_tokens: int = 0) -> list[int]:
