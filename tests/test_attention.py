@@ -1068,3 +1068,78 @@ def test_grad_turned_on_inside_a_no_grad_call_counts_as_training():
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not rewritten("attention") and rejected("attention")
+
+
+@pytest.mark.parametrize("query_bytes,kv_heads,groups", [
+    (256 * 2**20, 8, 4),   # Llama-3.2-1B at 64K tokens: 32 heads x 64K x 64 in bf16
+    (64 * 2**20, 8, 1),    # 16K tokens: no split
+    (2 * 2**30, 8, 8),     # 512K tokens: one group per key/value head, the most there are
+    (100 * 2**20, 3, 3),   # groups divide the key/value heads
+])
+def test_default_head_groups(query_bytes, kv_heads, groups):
+    from tilepass.options import default_head_groups
+
+    assert default_head_groups(query_bytes, kv_heads) == groups
+
+
+def test_attention_head_groups_train_exactly_with_save_attention():
+    """attention_head_groups=2 on a checkpointed GQA layer (4 query heads, 2 key/value
+    heads) with save_attention: the site runs as two SDPA calls, one per key/value head
+    with its two query heads; output and every gradient equal eager at 1e-10 in float64."""
+    from torch.utils.checkpoint import checkpoint
+
+    from tilepass.attention_runtime import sdpa_head_groups
+
+    torch.manual_seed(0)
+    attn = _causal_attention(False)().double()
+    x = torch.randn(2, 37, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 37, 32, dtype=torch.float64)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return tilepass.backend(attention_head_groups=2, save_attention=True)(gm, example_inputs)
+
+    def f(x):
+        return checkpoint(attn, x, use_reentrant=False)
+
+    results = []
+    for fn in (f, torch.compile(f, backend=keep)):
+        out = fn(x)
+        results.append((out, torch.autograd.grad((out * w).sum(), [x, *attn.parameters()])))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    [record] = rewritten("attention")
+    assert (record.kernel, record.tiles) == ("sdpa", 2)
+    assert [r.pattern for r in rewritten("checkpoint")] == ["save_attention"]
+    calls = [n for gm in graphs for m in gm.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes
+             if n.target is sdpa_head_groups]
+    assert len(calls) == 1 and calls[0].kwargs["groups"] == 2 and calls[0].kwargs["enable_gqa"]
+
+
+def test_plain_sdpa_is_split_over_head_groups_only_while_training():
+    """A plain SDPA call (no mask) is left alone, unless it trains and groups are asked for;
+    a group count that does not divide the key/value heads leaves it alone with the reason."""
+    from tilepass.attention_runtime import sdpa_head_groups
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 19, 8), torch.randn(2, 3, 19, 8), torch.randn(2, 3, 19, 8)
+    gm, want, got, records = _rewrite_fn(f, (q, k, v), attention=True, attention_head_groups=3)
+    assert [r.status for r in records] == ["rejected"]  # no gradient flows: nothing to gain
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    gm, want, got, records = _rewrite_fn(f, (q, k, v), attention=True, attention_head_groups=3)
+    assert [(r.status, r.kernel, r.tiles) for r in records] == [("rewritten", "sdpa", 3)]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [sdpa_head_groups]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad((sdpa_head_groups(q, k, v, groups=3, is_causal=True, scale=None, enable_gqa=True)
+                                 * want).sum(), [q, k, v])
+    for g, w in zip(grads, torch.autograd.grad((f(q, k, v) * want).sum(), [q, k, v])):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    _, _, _, records = _rewrite_fn(f, (q, k, v), attention=True, attention_head_groups=2)
+    assert [(r.status, r.reason) for r in records] == [
+        ("rejected", "attention_head_groups=2 does not divide the 3 key/value heads (divisors: 1, 3)")]

@@ -472,3 +472,26 @@ def test_accumulate_fp32_never_narrows_float64():
     got = torch.autograd.grad(compiled(ids, labels), list(model.parameters()))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **EXACT)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled tile is the default there")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(rtol=1e-4, atol=1e-5)), (torch.bfloat16, dict(rtol=2e-2, atol=2e-3))],
+                         ids=["float32", "bfloat16"])
+def test_cuda_compiled_tiles_match_eager(dtype, tol):
+    """On CUDA the loss tiles run compiled by default (triton kernels); the loss and every
+    gradient match eager transformers within the dtype's tolerance, and the eager-kernel
+    tiles (loss_kernel="eager") agree with them."""
+    torch.manual_seed(0)
+    model = tiny_model("llama").to("cuda", dtype)
+    ids = torch.randint(3, 128, (2, 37), device="cuda")
+    inputs = dict(input_ids=ids, labels=_labels(ids))
+    want = _step(model, model, inputs)
+    for kernel in ("auto", "eager"):
+        tilepass.reset()
+        got = _step(model, torch.compile(model, backend="tilepass", options=dict(num_tiles=3, loss_kernel=kernel)), inputs)
+        [record] = rewritten("loss")
+        assert record.kernel == ("compiled" if kernel == "auto" else None)
+        torch.testing.assert_close(got[0], want[0], **tol)
+        for name in want[2]:
+            torch.testing.assert_close(got[2][name].float(), want[2][name].float(), **tol,
+                                       msg=lambda m, name=name: f"{kernel}: grad of {name}: {m}")

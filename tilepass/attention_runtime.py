@@ -62,6 +62,21 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, mask_mod, multiple: int):
     return pad(q, q_len), pad(k, kv_len), pad(v, kv_len), padded_mask_mod
 
 
+def sdpa_head_groups(q: Tensor, k: Tensor, v: Tensor, *, groups: int, is_causal: bool, scale: float | None,
+                     enable_gqa: bool) -> Tensor:
+    """``scaled_dot_product_attention(q, k, v, is_causal=..., scale=..., enable_gqa=...)`` as
+    one call per group of heads ([B, H, S, D]; ``groups`` divides the key/value heads, so
+    each group keeps its queries with their own key/value heads). Heads are independent,
+    so the output is the same; each call's backward needs 1/groups of the work memory.
+    The groups' outputs are joined in SDPA's own layout ([B, S, H, D] in memory), so the
+    usual ``transpose(1, 2).reshape(B, S, H * D)`` after it stays a view."""
+    extra = {"enable_gqa": True} if enable_gqa else {}
+    qs, ks, vs = (t.split(t.shape[1] // groups, dim=1) for t in (q, k, v))
+    outs = [torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=is_causal, scale=scale, **extra)
+            for qg, kg, vg in zip(qs, ks, vs)]
+    return torch.cat([o.transpose(1, 2) for o in outs], dim=2).transpose(1, 2)
+
+
 def flex_sdpa(
     q: Tensor,
     k: Tensor,

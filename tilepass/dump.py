@@ -70,7 +70,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "intermediate_bytes": {"type": ["integer", "null"], "minimum": 0},
                     "saved_bytes": {"type": ["integer", "null"], "minimum": 0},
                     "region_key": {"type": ["string", "null"]},
-                    "kernel": {"enum": ["sdpa", "flex", None]},  # routed attention's kernel
+                    "kernel": {"enum": ["sdpa", "flex", "compiled", None]},  # routed attention's kernel; a compiled loss tile
                     "logits_bytes": {"type": ["integer", "null"], "minimum": 0},  # a loss region's kept logits
                 },
             },
@@ -235,7 +235,8 @@ def render_html(report: dict, nodes: list[dict], stages: list[tuple[str, str]]) 
                 mark[n] = ("rewritten", rid)
         if r["kind"] == "attention":
             detail = (f'routed to flex attention, BlockMask: {html.escape(r["pattern"])}' if r.get("kernel") == "flex"
-                      else "routed to SDPA's fused kernels (is_causal)")
+                      else "routed to SDPA's fused kernels (is_causal)"
+                      + (f', one call per group of heads ({r["tiles"]} groups)' if r.get("tiles") else ""))
         elif r["kind"] == "checkpoint":
             detail = ("checkpointed layer: the outputs of SDPA's fused kernels are kept for the backward, "
                       "not recomputed (save_attention)")

@@ -56,6 +56,14 @@ class Options:
     #: SDPA's fused kernels (``is_causal=True``: flash/cuDNN on GPU, the fastest there are
     #: for it) and every other mask to flex attention; "flex": every routed site to flex.
     attention_kernel: str = "auto"
+    #: Run an SDPA site that trains (plain causal or unmasked) as one fused-kernel call per
+    #: group of heads: the backward's work memory (cuDNN's and flash's grow with heads x
+    #: tokens, about 1 GiB for 32 heads at 64K tokens) shrinks by the group count; heads are
+    #: independent, so the result is the same. ``None`` (default): as many groups as keep one
+    #: call's queries within :data:`ATTENTION_CALL_QUERY_BYTES` (4 for Llama-3.2-1B at 64K
+    #: tokens; 1, no split, at 16K or less); an int: that many groups, which must divide the
+    #: key/value heads (a site where it does not is left as it was, with the reason).
+    attention_head_groups: int | None = None
     #: In a layer-checkpointed model, keep each layer's attention outputs for the backward
     #: instead of recomputing attention there (selective activation checkpointing): the
     #: attention forward runs once per step instead of twice. Costs the attention output
@@ -89,7 +97,7 @@ class Options:
         return opts
 
     def validate(self) -> None:
-        for name in ("num_tiles", "tile_tokens"):
+        for name in ("num_tiles", "tile_tokens", "attention_head_groups"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise OptionsError(f"tilepass option {name!r} must be a positive int or None, got {value!r}")
@@ -139,6 +147,20 @@ def default_num_tiles(num_tokens: int, in_features: int, intermediate: int) -> i
     """
     k = -(-intermediate // max(1, in_features))
     return max(1, min(k, num_tokens))
+
+
+#: One call of SDPA over a group of heads reads at most this many bytes of queries by default
+#: (``attention_head_groups``): its backward's work memory is a few times that.
+ATTENTION_CALL_QUERY_BYTES = 64 * 2**20
+
+
+def default_head_groups(query_bytes: int, kv_heads: int) -> int:
+    """The fewest groups (a divisor of ``kv_heads``) that keep one call's queries within
+    :data:`ATTENTION_CALL_QUERY_BYTES`, or one group per key/value head."""
+    for groups in range(1, kv_heads + 1):
+        if kv_heads % groups == 0 and query_bytes <= groups * ATTENTION_CALL_QUERY_BYTES:
+            return groups
+    return max(1, kv_heads)
 
 
 #: The float32 logits of one tile of the loss region stay under this many bytes by default.

@@ -23,7 +23,7 @@ from .fx_utils import autocast_state, common_module, hint, op_name, remove_dead_
 from .hop_inputs import BodyInputs
 from .match_mlp import find_mlps
 from .match_moe import find_moes
-from .options import Options, default_loss_tiles, default_num_tiles
+from .options import Options, default_head_groups, default_loss_tiles, default_num_tiles
 from .region import build_layout_program, build_loss_program, build_tile_program, program_key
 from .report import Record, logger
 from .rewrite import hoist_before, splice_tiled_region
@@ -227,14 +227,20 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
         # on inside (enable_grad under an outer no_grad), and its values say so
         training = any(tensor_value(t).requires_grad for t in (s.q, s.k, s.v))
         kernel = attention_kernel(s, ctx.options.attention_kernel)
-        reason = _not_routable_here(s, kernel, qv.device.type, training, in_checkpoint)
+        groups, reason = head_groups(s, kernel, ctx.options.attention_head_groups, training)
+        if kernel is None and groups > 1:
+            kernel = "sdpa"  # a plain SDPA call, split over groups of heads
+        reason = reason or _not_routable_here(s, kernel, qv.device.type, training, in_checkpoint)
         if reason:
             ctx.records.append(Record("rejected", "attention", s.module, s.pattern, ctx.graph_index,
                                       nodes=[s.node.name], reason=reason))
             continue
         key = None
         with gm.graph.inserting_before(s.node):
-            if kernel == "sdpa":
+            if kernel == "sdpa" and groups > 1:
+                new = gm.graph.call_function(attention_runtime.sdpa_head_groups, (s.q, s.k, s.v), dict(
+                    groups=groups, is_causal=s.mask is not None or s.causal, scale=s.scale, enable_gqa=s.enable_gqa))
+            elif kernel == "sdpa":
                 new = gm.graph.call_function(F.scaled_dot_product_attention, (s.q, s.k, s.v), dict(
                     is_causal=s.mask is not None or s.causal, scale=s.scale,
                     **({"enable_gqa": True} if s.enable_gqa else {})))
@@ -255,7 +261,8 @@ def route_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
         s.node.replace_all_uses_with(new)
         gm.graph.erase_node(s.node)  # an eager form's scores and weights go with the dead-code pass
         ctx.records.append(Record("rewritten", "attention", s.module, s.pattern, ctx.graph_index,
-                                  nodes=[s.node.name], region_key=key, tokens=int(hint(qv.shape[2])), kernel=kernel))
+                                  nodes=[s.node.name], region_key=key, tokens=int(hint(qv.shape[2])), kernel=kernel,
+                                  tiles=groups if groups > 1 else None))
         routed += 1
     _cleanup(gm, routed)
     if routed and inputs is not None:
@@ -278,6 +285,24 @@ def attention_kernel(site: AttentionSite, choice: str) -> str | None:
         return "sdpa" if site.replaced else None  # the eager form is worth fusing even unmasked
     q_len, kv_len = tensor_value(site.q).shape[2], tensor_value(site.k).shape[2]
     return "sdpa" if is_plain_causal(site.mask) and same_size(q_len, kv_len) else "flex"
+
+
+def head_groups(site: AttentionSite, kernel: str | None, choice: int | None, training: bool) -> tuple[int, str | None]:
+    """(groups of heads SDPA runs over, a reason the site is left alone or None). More
+    than one group only where SDPA's fused kernels run a backward: a training site that
+    goes (or already goes) to SDPA."""
+    if kernel not in ("sdpa", None) or not training:
+        return 1, None
+    qv, kv = tensor_value(site.q), tensor_value(site.k)
+    kv_heads = kv.shape[1]
+    if not isinstance(kv_heads, int) or qv.shape[1] % kv_heads:
+        return 1, None
+    if choice is None:
+        return default_head_groups(_nbytes(qv), kv_heads), None
+    if kv_heads % choice:
+        return 1, (f"attention_head_groups={choice} does not divide the {kv_heads} key/value heads "
+                   f"(divisors: {', '.join(str(d) for d in range(1, kv_heads + 1) if kv_heads % d == 0)})")
+    return choice, None
 
 
 def _is_number(x) -> bool:
@@ -320,7 +345,7 @@ def save_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     if not calls or any(op_name(c) != "tag_activation_checkpoint" for c in calls):
         return 0  # not (only) a checkpointed layer's body
     sites = [n for n in gm.graph.nodes if n.op == "call_function"
-             and n.target in (F.scaled_dot_product_attention, attention_runtime.flex_sdpa)]
+             and n.target in (F.scaled_dot_product_attention, attention_runtime.sdpa_head_groups, attention_runtime.flex_sdpa)]
     if not sites:
         return 0
     module = common_module(sites).rsplit(".", 1)[0]  # "layers.0.self_attn" -> the layer, "layers.0"

@@ -16,7 +16,7 @@ class Record:
     pattern: str  # "swiglu", "geglu", "fused_gate_up_swiglu", "mlp_gelu_tanh", ...
     graph: int  # index of the compiled graph (in compile order since the last reset)
     compile_id: str = ""  # Dynamo's compile id of that graph, e.g. "0/0" (frame/recompile)
-    tiles: int | None = None  # tiles at the traced token count (rewritten only)
+    tiles: int | None = None  # tiles at the traced token count (rewritten only); attention: head groups
     tile_tokens: int | None = None  # tokens in the largest tile
     tokens: int | None = None  # tokens the region saw when traced
     reason: str | None = None  # why it was rejected
@@ -69,12 +69,16 @@ def summarize(graph_index: int, records: list[Record]) -> str:
     parts = [f"graph {graph_index}: rewrote {len(done)} region{'s' if len(done) != 1 else ''}"]
     if done:
         parts.append(", ".join(f"{r.module or '<root>'} [{r.kind}:{r.shown_pattern}"
-                               f"{f', {r.tiles} tiles' if r.tiles is not None else ''}{', ' + logits_note(r) if r.logits_bytes else ''}]" for r in done))
+                               f"{f', {r.tiles} {_tiles_word(r)}' if r.tiles is not None else ''}{', ' + logits_note(r) if r.logits_bytes else ''}]" for r in done))
     if rejected:
         parts.append(
             f"left {len(rejected)}: " + "; ".join(f"{r.module or '<root>'}: {r.reason}" for r in rejected)
         )
     return " | ".join(parts)
+
+
+def _tiles_word(r: Record) -> str:
+    return "head groups" if r.kind == "attention" else "tiles"
 
 
 def logits_note(r: Record) -> str:

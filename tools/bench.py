@@ -27,7 +27,9 @@ SDPA's fused kernels, others to flex); ``tilepass+flex`` (every attention site t
 attention); ``tilepass+save`` (the defaults with ``save_attention``: checkpointed layers
 keep attention's outputs instead of recomputing attention); ``tilepass+skip`` and
 ``tilepass+save+skip`` (``skip_logits``: the returned logits are None, as with Liger's fused
-cross-entropy; ``causal`` only); ``tilepass+save-nothing`` (its
+cross-entropy; ``causal`` only), with their controls ``tilepass+skip+1-group`` (SDPA in one
+call per site, ``attention_head_groups=1``) and ``tilepass+skip+eager-loss`` (the loss tiles
+on eager kernels, ``loss_kernel="eager"``); ``tilepass+save-nothing`` (its
 control: the policy installed, keeping nothing); any tilepass variant with
 ``@N``: N tokens per tile. Any variant with ``+cudnn`` last (``eager+cudnn``,
 ``tilepass+save+cudnn``) runs with SDPA restricted to its cuDNN kernel (CUDA only): the
@@ -53,6 +55,10 @@ TILEPASS_VARIANTS = {
     "tilepass+save": dict(save_attention=True),  # checkpointed layers keep attention's outputs
     "tilepass+skip": dict(skip_logits=True),  # causal: the loss region returns no logits
     "tilepass+save+skip": dict(save_attention=True, skip_logits=True),
+    # controls for tilepass+skip, one lever off each: SDPA in one call per site (no head
+    # groups), and the loss tiles on eager kernels (not compiled)
+    "tilepass+skip+1-group": dict(skip_logits=True, attention_head_groups=1),
+    "tilepass+skip+eager-loss": dict(skip_logits=True, loss_kernel="eager"),
     # a control for tilepass+save: the same policy installed, keeping nothing. Before torch
     # 2.13 any policy moves a checkpointed layer onto the selective-checkpoint path; this
     # row shows what that move alone does, apart from the outputs kept
@@ -251,6 +257,8 @@ def measure(model, variant, seq, ckpt, args):
             row["routed_attention"] = sum(r.kind == "attention" for r in done)
             row["saved_attention_layers"] = sum(r.kind == "checkpoint" for r in done)
             row["attention_kernels"] = sorted({r.kernel for r in done if r.kind == "attention"})
+            row["head_groups"] = sorted({r.tiles or 1 for r in done if r.kind == "attention"})
+            row["loss_kernel"] = sorted({r.kernel or "eager" for r in done if r.kind == "loss"})
             row["rejected"] = sorted({r.reason for r in tilepass.report() if r.status == "rejected"})
     except torch.OutOfMemoryError:
         row["oom"] = True
@@ -289,10 +297,10 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
                 if args.out:  # after every row: a run cut off by a time limit keeps what it measured
                     _write(args, rows)
-    print(f"\n{'variant':<16}{'ckpt':<6}{'seq':>7}{'peak GiB':>10}{'step s':>9}{'first s':>9}", file=sys.stderr)
+    print(f"\n{"variant":<26}{'ckpt':<6}{'seq':>7}{'peak GiB':>10}{'step s':>9}{'first s':>9}", file=sys.stderr)
     for r in rows:
         peak = "oom" if r.get("oom") else (f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-")
-        print(f"{r['variant']:<16}{str(r['ckpt']):<6}{r['seq']:>7}{peak:>10}{r.get('step_s', float('nan')):>9.3f}"
+        print(f"{r["variant"]:<26}{str(r['ckpt']):<6}{r['seq']:>7}{peak:>10}{r.get('step_s', float('nan')):>9.3f}"
               f"{r.get('first_s', float('nan')):>9.1f}", file=sys.stderr)
     return rows
 
