@@ -297,10 +297,10 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
                 if args.out:  # after every row: a run cut off by a time limit keeps what it measured
                     _write(args, rows)
-    print(f"\n{"variant":<26}{'ckpt':<6}{'seq':>7}{'peak GiB':>10}{'step s':>9}{'first s':>9}", file=sys.stderr)
+    print(f"\n{'variant':<26}{'ckpt':<6}{'seq':>7}{'peak GiB':>10}{'step s':>9}{'first s':>9}", file=sys.stderr)
     for r in rows:
         peak = "oom" if r.get("oom") else (f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-")
-        print(f"{r["variant"]:<26}{str(r['ckpt']):<6}{r['seq']:>7}{peak:>10}{r.get('step_s', float('nan')):>9.3f}"
+        print(f"{r['variant']:<26}{str(r['ckpt']):<6}{r['seq']:>7}{peak:>10}{r.get('step_s', float('nan')):>9.3f}"
               f"{r.get('first_s', float('nan')):>9.1f}", file=sys.stderr)
     return rows
 
