@@ -32,22 +32,34 @@ import torch
 from torch import Tensor
 
 from . import compat
-from .runtime import _autocast, registered_region, tile_program, tile_sizes
+from .runtime import _autocast, in_fresh_thread, registered_region, tile_program, tile_sizes
 
 
 def run_tiled_loss(key: str, x: Tensor, target: Tensor, scale: Tensor, params: Sequence[Tensor], num_tiles: int,
                    tile_tokens: int, needs_grad: Sequence[bool]) -> list[Tensor]:
     """``[loss, dx, *dparams]``; a gradient whose ``needs_grad`` is False is an empty tensor."""
     region = registered_region(key)
-    fn = tile_program(region)
-    loss_dtype = region.outputs[0].dtype
     need_x, need_p = bool(needs_grad[0]), [bool(b) for b in needs_grad[1:]]
     training = need_x or any(need_p)
+    if region.compile_tile:
+        # A custom op's kernel runs with autograd's dispatch keys excluded; inductor's compile
+        # under the keys re-included fails on torch 2.11 (an internal assert in
+        # PythonFallbackKernel.cpp), so compiled tiles run where the dispatch state is the default
+        grads = torch.enable_grad() if training else torch.no_grad()
+        return in_fresh_thread(x.device, _run_tiles, region, tile_program(region), grads, x, target, scale, params,
+                               num_tiles, tile_tokens, need_x, need_p)
+    grads = compat.autograd_inside_custom_op() if training else torch.no_grad()
+    return _run_tiles(region, region.fn, grads, x, target, scale, params, num_tiles, tile_tokens, need_x, need_p)
+
+
+def _run_tiles(region, fn, grad_mode, x: Tensor, target: Tensor, scale: Tensor, params: Sequence[Tensor],
+               num_tiles: int, tile_tokens: int, need_x: bool, need_p: list[bool]) -> list[Tensor]:
+    loss_dtype = region.outputs[0].dtype
     total = torch.zeros((), dtype=torch.float64, device=x.device)  # tile sums added once rounded
     dx = torch.empty_like(x) if need_x else None
     acc: list[Tensor | None] = [None] * len(params)
     start = 0
-    with compat.autograd_inside_custom_op() if training else torch.no_grad():
+    with grad_mode:
         leaves = [p.detach().requires_grad_(need) for p, need in zip(params, need_p)]
         wanted = [p for p, need in zip(leaves, need_p) if need]
         for size in tile_sizes(x.shape[0], num_tiles, tile_tokens):

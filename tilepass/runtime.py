@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -99,6 +100,28 @@ def tile_program(region: RegisteredRegion) -> RegionFn:
         run_tile.__code__ = run_tile.__code__.replace()
         region.compiled_fn = torch.compile(run_tile, backend="inductor", fullgraph=True)
     return region.compiled_fn
+
+
+def in_fresh_thread(device: torch.device, fn: Callable, *args):
+    """``fn(*args)`` in a new thread, on the caller's device and CUDA stream, and wait for
+    it. The new thread starts from the default dispatch state, grad mode and autocast state
+    (they are thread-local): ``fn`` sets what it needs itself."""
+    result: dict = {}
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+    def target():
+        try:
+            with (torch.cuda.device(device), torch.cuda.stream(stream)) if stream is not None else contextlib.nullcontext():
+                result["value"] = fn(*args)
+        except BaseException as e:  # re-raised in the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=target, name="tilepass-tiles")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def tile_sizes(num_tokens: int, num_tiles: int = 0, tile_tokens: int = 0) -> list[int]:
