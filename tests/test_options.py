@@ -20,7 +20,7 @@ def test_defaults():
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, moe, loss, skip_logits, loss_kernel, attention, attention_kernel, save_attention, accumulate_fp32"),
+        ({"num_tile": 2}, r"unknown tilepass option 'num_tile'; valid options: num_tiles, tile_tokens, downstream, mlp, moe, loss, skip_logits, loss_kernel, attention, attention_kernel, attention_head_groups, save_attention, accumulate_fp32"),
         ({"num_tiles": 0}, r"'num_tiles' must be a positive int"),
         ({"num_tiles": True}, r"'num_tiles' must be a positive int"),
         ({"tile_tokens": 2.5}, r"'tile_tokens' must be a positive int"),
@@ -30,6 +30,7 @@ def test_defaults():
         ({"accumulate_fp32": 1}, r"'accumulate_fp32' must be True or False"),
         ({"moe": None}, r"'moe' must be True or False"),
         ({"attention_kernel": "flash"}, r"'attention_kernel' must be one of 'auto', 'flex', got 'flash'"),
+        ({"attention_head_groups": 0}, r"'attention_head_groups' must be a positive int or None"),
         ({"loss_kernel": "triton"}, r"'loss_kernel' must be one of 'auto', 'compiled', 'eager', got 'triton'"),
     ],
 )

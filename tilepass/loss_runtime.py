@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import compat
-from .runtime import _autocast, in_fresh_thread, registered_region, tile_program, tile_sizes
+from .runtime import GradientSums, _autocast, in_fresh_thread, registered_region, tile_program, tile_sizes, write_rows
 
 
 def run_tiled_loss(key: str, x: Tensor, target: Tensor, scale: Tensor, params: Sequence[Tensor], num_tiles: int,
@@ -57,7 +57,7 @@ def _run_tiles(region, fn, grad_mode, x: Tensor, target: Tensor, scale: Tensor, 
     loss_dtype = region.outputs[0].dtype
     total = torch.zeros((), dtype=torch.float64, device=x.device)  # tile sums added once rounded
     dx = torch.empty_like(x) if need_x else None
-    acc: list[Tensor | None] = [None] * len(params)
+    sums = GradientSums(params, need_p, region.accumulate_fp32, borrowed=(x, scale, *params))
     start = 0
     with grad_mode:
         leaves = [p.detach().requires_grad_(need) for p, need in zip(params, need_p)]
@@ -68,32 +68,14 @@ def _run_tiles(region, fn, grad_mode, x: Tensor, target: Tensor, scale: Tensor, 
                 (loss,) = fn(x_tile, target.narrow(0, start, size), *leaves)
             total += loss.detach().double()
             inputs = ([x_tile] if need_x else []) + wanted
+            grads = iter([None] * len(inputs))
             if inputs and loss.requires_grad:
                 grads = iter(torch.autograd.grad(loss, inputs, scale.to(loss.dtype), allow_unused=True))
-                if need_x:
-                    gx = next(grads)
-                    dx.narrow(0, start, size).copy_(gx) if gx is not None else dx.narrow(0, start, size).zero_()
-                for i, need in enumerate(need_p):
-                    g = next(grads) if need else None
-                    if g is None:
-                        continue
-                    if acc[i] is None:
-                        acc[i] = g.to(torch.float32 if region.accumulate_fp32 and g.dtype in (torch.bfloat16, torch.float16)
-                                      else g.dtype, copy=True)
-                    else:
-                        acc[i].add_(g)
-            elif need_x:
-                dx.narrow(0, start, size).zero_()
+            if need_x:
+                write_rows(dx, start, size, next(grads))
+            sums.add_tile([next(grads) if need else None for need in need_p])
             start += size
-    result = [total.to(loss_dtype), dx if need_x else x.new_empty(0)]
-    for p, a, need in zip(params, acc, need_p):
-        if not need:
-            result.append(x.new_empty(0))
-        elif a is None:
-            result.append(torch.zeros_like(p))
-        else:
-            result.append(a.to(p.dtype) if a.dtype != p.dtype else a)
-    return result
+    return [total.to(loss_dtype), dx if need_x else x.new_empty(0), *sums.results(x)]
 
 
 @torch.library.custom_op("tilepass::tiled_loss", mutates_args=())

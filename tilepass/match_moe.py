@@ -206,8 +206,10 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
     if seed not in in_region:
         return MoeRejection(seed, first_stop or "the router is not row-wise", module, pattern, region)
     if analysis.experts == 0:
-        reason = ("the routed experts are not in this graph (experts_implementation='eager' breaks the graph around "
-                  "each expert)" if first_stop is None else
+        reason = ("the routed experts are not in this graph: a graph break separates them from the router "
+                  "(experts_implementation='eager' breaks it around each expert; so can per-layer compile or "
+                  "FSDP2 where the router logits are captured for an aux loss; use 'grouped_mm' or 'batched_mm')"
+                  if first_stop is None else
                   f"the routed experts are not in this graph; the routing is followed up to: {first_stop}")
         return MoeRejection(seed, reason, module, pattern, region)
     # The block's output: the last value computed from the experts that is back in token

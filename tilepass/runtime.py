@@ -205,8 +205,7 @@ def run_tiled_backward(
     n = x.shape[0]
     need_x, need_p = bool(needs_grad[0]), [bool(b) for b in needs_grad[1:]]
     dx = torch.empty_like(x) if need_x else None
-    acc: list[Tensor | None] = [None] * len(params)
-    borrowed = {t.untyped_storage().data_ptr() for t in (x, *params, *grads)}
+    sums = GradientSums(params, need_p, region.accumulate_fp32, borrowed=(x, *params, *grads))
     with compat.autograd_inside_custom_op():
         # Detached leaves: autograd.grad below returns their per-tile gradients without
         # ever writing a .grad anywhere.
@@ -227,38 +226,53 @@ def run_tiled_backward(
                 tile_grads = (None,) * len(inputs)
             it = iter(tile_grads)
             if need_x:
-                gx = next(it)
-                if gx is None:
-                    dx.narrow(0, start, size).zero_()
-                else:
-                    dx.narrow(0, start, size).copy_(gx)
-            for i, need in enumerate(need_p):
-                if not need:
-                    continue
-                g = next(it)
-                if g is None:
-                    continue
-                if acc[i] is None:
-                    # Own the accumulator: autograd may hand back a view of an incoming
-                    # gradient (e.g. for ``x + bias``), which later add_ calls must not touch.
-                    owned = region.accumulate_fp32 or g.untyped_storage().data_ptr() in borrowed
-                    wide = region.accumulate_fp32 and g.dtype in (torch.bfloat16, torch.float16)  # never narrower
-                    acc[i] = g.to(torch.float32 if wide else g.dtype, copy=True) if owned else g
-                else:
-                    acc[i].add_(g)
+                write_rows(dx, start, size, next(it))
+            sums.add_tile([next(it) if need else None for need in need_p])
             start += size
-    # A custom op's outputs may not alias its inputs or each other: fresh empties.
-    result = [dx if need_x else x.new_empty(0)]
-    for p, a, need in zip(params, acc, need_p):
-        if not need:
-            result.append(x.new_empty(0))
-        elif a is None:
-            result.append(torch.zeros_like(p))
-        elif a.dtype != p.dtype:
-            result.append(a.to(p.dtype))
-        else:
-            result.append(a)
-    return result
+    return [dx if need_x else x.new_empty(0), *sums.results(x)]
+
+
+def write_rows(dx: Tensor, start: int, size: int, g: Tensor | None) -> None:
+    """A tile's input gradient into its rows of ``dx`` (zeros where autograd gave None)."""
+    rows = dx.narrow(0, start, size)
+    rows.zero_() if g is None else rows.copy_(g)
+
+
+class GradientSums:
+    """One gradient per parameter, summed over tiles and returned once (the regions'
+    contract: no ``.grad`` written, no hook, one gradient per parameter per call)."""
+
+    def __init__(self, params: Sequence[Tensor], needs: Sequence[bool], accumulate_fp32: bool,
+                 borrowed: Sequence[Tensor] = ()):
+        self.params, self.needs, self.fp32 = list(params), list(needs), accumulate_fp32
+        self.sums: list[Tensor | None] = [None] * len(self.params)
+        self.borrowed = {t.untyped_storage().data_ptr() for t in borrowed}
+
+    def add_tile(self, grads: Sequence[Tensor | None]) -> None:
+        for i, g in enumerate(grads):
+            if g is None or not self.needs[i]:
+                continue
+            if self.sums[i] is None:
+                # Own the sum: autograd may hand back a view of an incoming gradient (e.g.
+                # for ``x + bias``), which later add_ calls must not touch.
+                owned = self.fp32 or g.untyped_storage().data_ptr() in self.borrowed
+                wide = self.fp32 and g.dtype in (torch.bfloat16, torch.float16)  # never narrower
+                self.sums[i] = g.to(torch.float32 if wide else g.dtype, copy=True) if owned else g
+            else:
+                self.sums[i].add_(g)
+
+    def results(self, like: Tensor) -> list[Tensor]:
+        """Each parameter's sum in its dtype; zeros if no tile reached it, an empty tensor
+        where no gradient is needed. A custom op's outputs may not alias its inputs."""
+        out = []
+        for p, s, need in zip(self.params, self.sums, self.needs):
+            if not need:
+                out.append(like.new_empty(0))
+            elif s is None:
+                out.append(torch.zeros_like(p))
+            else:
+                out.append(s.to(p.dtype) if s.dtype != p.dtype else s)
+        return out
 
 
 # --- the custom ops -----------------------------------------------------------------
