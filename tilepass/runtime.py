@@ -111,7 +111,10 @@ def in_fresh_thread(device: torch.device, fn: Callable, *args):
 
     def target():
         try:
-            with (torch.cuda.device(device), torch.cuda.stream(stream)) if stream is not None else contextlib.nullcontext():
+            with contextlib.ExitStack() as on_callers_stream:
+                if stream is not None:
+                    on_callers_stream.enter_context(torch.cuda.device(device))
+                    on_callers_stream.enter_context(torch.cuda.stream(stream))
                 result["value"] = fn(*args)
         except BaseException as e:  # re-raised in the caller's thread
             result["error"] = e
