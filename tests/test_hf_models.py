@@ -33,7 +33,7 @@ def test_every_mlp_tiled_exactly_aot_eager(arch):
     layers = model.config.num_hidden_layers
     done = rewritten()
     assert len({r.module for r in done}) == layers
-    assert all(r.tiles == tilepass.default_num_tiles(BATCH * SEQ, 64, r_width(model)) for r in done)
+    assert all(r.tiles == tilepass.default_mlp_tiles(BATCH * SEQ, 64, r_width(model)) for r in done)
     assert not rejected()
 
 

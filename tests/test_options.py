@@ -95,6 +95,9 @@ def test_default_tiles_depend_on_shapes_only():
     assert tilepass.default_num_tiles(74, 64, 352) == 6
     assert tilepass.default_num_tiles(3, 64, 352) == 3
     assert tilepass.default_num_tiles(100, 64, 32) == 1
+    assert tilepass.default_mlp_tiles(65536, 2048, 2 * 8192) == 16  # dense MLPs: twice as many
+    assert tilepass.default_mlp_tiles(74, 64, 352) == 11
+    assert tilepass.default_mlp_tiles(3, 64, 352) == 3  # at most one tile per token
 
 
 class _MLP(nn.Module):

@@ -11,12 +11,12 @@ from . import attention_runtime as _attention_runtime
 from . import runtime as _runtime
 from .backend import backend, reset_graph_counter, tilepass_backend
 from .dump import dump
-from .options import Options, OptionsError, default_num_tiles
+from .options import Options, OptionsError, default_mlp_tiles, default_num_tiles
 from .report import Record
 
 __version__ = "0.1.0"
 __all__ = [
-    "Options", "OptionsError", "Record", "backend", "compile", "default_num_tiles", "dump",
+    "Options", "OptionsError", "Record", "backend", "compile", "default_mlp_tiles", "default_num_tiles", "dump",
     "report", "reset", "tilepass_backend",
 ]
 

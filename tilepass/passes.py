@@ -20,7 +20,7 @@ from .fx_utils import autocast_state, hint, tensor_value
 from .match_loss import LossMatch, find_losses
 from .match_mlp import find_mlps
 from .match_moe import find_moes
-from .options import default_loss_tiles
+from .options import default_loss_tiles, default_mlp_tiles, default_num_tiles
 from .pass_context import Pass, PassContext, cleanup, nbytes, resolve_tiles  # noqa: F401  (PassContext: the backend's)
 from .region import build_layout_program, build_loss_program, build_tile_program, program_key
 from .report import Record, logger
@@ -35,9 +35,9 @@ def _reject(ctx: PassContext, kind: str, rejections) -> None:
 
 def _tile_region(gm: fx.GraphModule, ctx: PassContext, kind: str, m, program: fx.GraphModule,
                  specs: list, cast, tokens: int, width: int, outputs: list, intermediates: list,
-                 uses_rng: bool = False) -> None:
+                 uses_rng: bool = False, default=default_num_tiles) -> None:
     """Register ``program`` as a tiled region, splice it over ``m``'s nodes, record it."""
-    num_tiles, tile_tokens = resolve_tiles(ctx.options, tokens, m.in_features, width)
+    num_tiles, tile_tokens = resolve_tiles(ctx.options, tokens, m.in_features, width, default)
     sizes = runtime.tile_sizes(tokens, num_tiles, tile_tokens)
     key = program_key(kind, program, (specs, cast, ctx.options.accumulate_fp32, uses_rng))
     runtime.register_region(key, runtime.RegisteredRegion(program, tuple(specs), cast, ctx.options.accumulate_fp32, uses_rng))
@@ -62,7 +62,7 @@ def tile_mlps(gm: fx.GraphModule, ctx: PassContext) -> int:
         out = tensor_value(m.output)
         spec = runtime.OutputSpec(tuple(int(s) for s in out.shape[-1:]), out.dtype)
         _tile_region(gm, ctx, "mlp", m, program, [spec], autocast.get(m.down), hint(m.num_tokens),
-                     m.intermediate, [m.output], m.ups + m.inner, uses_rng=m.uses_rng)
+                     m.intermediate, [m.output], m.ups + m.inner, uses_rng=m.uses_rng, default=default_mlp_tiles)
     return cleanup(gm, len(matches))
 
 
