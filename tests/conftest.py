@@ -1,7 +1,21 @@
-import pytest
-import torch
+import os
 
-import tilepass
+# pytest-xdist runs one worker per core (`-n 2` on the README's 2-core machine): each worker
+# and each process a test starts (torchrun ranks, tools/bench.py, `python -m tilepass`) then
+# gets its share of the cores as its OpenMP/intra-op threads. By default every one of them
+# takes all the cores, and OpenMP threads spinning on an oversubscribed machine cost about a
+# quarter of the suite's CPU time. Set before torch is imported; OMP_NUM_THREADS set by hand wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import tilepass  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
