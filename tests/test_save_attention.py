@@ -121,6 +121,22 @@ def test_a_layer_with_a_user_policy_is_left_as_set():
     assert "layers.0.self_attn [attention:mask(kv_idx,q_idx) -> sdpa]" in line and "None" not in line
 
 
+def test_save_attention_in_the_last_layers_only():
+    """``save_attention=n`` keeps attention's outputs in the graph's last n checkpointed layers
+    (their backward runs first); the others recompute, each with the reason."""
+    for last, kept in ((1, ["layers.1"]), (2, ["layers.0", "layers.1"]), (5, ["layers.0", "layers.1"])):
+        gm = _captured_llama_graph()
+        ctx = passes.PassContext(Options.parse(dict(save_attention=last)), 0)
+        passes.run_passes(gm, ctx)
+        records = [r for r in ctx.records if r.kind == "checkpoint"]
+        assert [r.module for r in records if r.status == "rewritten"] == kept
+        bodies = [m for m in gm.modules() if isinstance(m, fx.GraphModule) and m is not gm]
+        assert sum(checkpoint_policy.CONTEXT_FN_KEY in b.meta for b in bodies) == len(kept)
+        assert [(r.module, r.reason) for r in records if r.status == "rejected"] == ([] if len(kept) == 2 else [
+            ("layers.0", "save_attention=1 keeps attention's outputs in the last 1 of this graph's 2 checkpointed "
+                         "layers with attention (their backward runs first); this one recomputes as before")])
+
+
 def test_off_by_default_and_nothing_without_checkpointing():
     gm = _captured_llama_graph()
     ctx = passes.PassContext(Options.parse({}), 0)
@@ -151,9 +167,11 @@ def test_the_cache_key_follows_the_ops_kept(monkeypatch):
     assert checkpoint_policy.save_attention_context_fn().cache_hash != key
 
 
-def test_save_attention_must_be_a_bool():
-    with pytest.raises(OptionsError, match="'save_attention' must be True or False"):
-        Options.parse(dict(save_attention="yes"))
+def test_save_attention_must_be_a_bool_or_a_positive_int():
+    for bad in ("yes", 0, -1, 1.5):
+        with pytest.raises(OptionsError, match=r"'save_attention' must be True, False or a positive int \(the last n "):
+            Options.parse(dict(save_attention=bad))
+    assert Options.parse(dict(save_attention=2)).save_attention == 2
 
 
 class _GraphOps:

@@ -150,22 +150,15 @@ def save_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     its math path keeps recomputing, which the record cannot see."""
     if ctx.root is None or gm is ctx.root:
         return 0
-    calls = BodyInputs(ctx.root).calls.get(gm.graph) or []
+    bodies = BodyInputs(ctx.root)
+    calls = bodies.calls.get(gm.graph) or []
     if not calls or any(op_name(c) != "tag_activation_checkpoint" for c in calls):
         return 0  # not (only) a checkpointed layer's body
-    sites = [n for n in gm.graph.nodes if n.op == "call_function"
-             and n.target in (F.scaled_dot_product_attention, attention_runtime.sdpa_head_groups, attention_runtime.flex_sdpa)]
+    sites = _attention_sites(gm.graph)
     if not sites:
         return 0
     module = common_module(sites).rsplit(".", 1)[0]  # "layers.0.self_attn" -> the layer, "layers.0"
-    reason = None
-    if checkpoint_policy.has_policy(gm):
-        reason = "this checkpointed layer already has a policy (a context_fn): left as set"
-    elif any(n.target is attention_runtime.flex_sdpa for n in sites):
-        reason = checkpoint_policy.FLEX_NOT_SAVED
-    elif any(_mask_requires_grad(n) for n in sites):
-        reason = ("an attention mask here requires grad: SDPA runs its math path, which has no fused output "
-                  "to keep; recomputed as before")
+    reason = _why_recomputed(gm, calls, sites, ctx, bodies)
     names = [n.meta.get(REPLACES, n.name) for n in sites]  # as Dynamo's graph (and the dump's page) names them
     if reason:
         ctx.records.append(Record("rejected", "checkpoint", module, "save_attention", ctx.graph_index,
@@ -174,6 +167,39 @@ def save_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     checkpoint_policy.install(gm)
     ctx.records.append(Record("rewritten", "checkpoint", module, "save_attention", ctx.graph_index, nodes=names))
     return 1
+
+
+def _why_recomputed(body: fx.GraphModule, calls: list[fx.Node], sites: list[fx.Node], ctx: PassContext,
+                    bodies: BodyInputs) -> str | None:
+    last = ctx.options.save_attention
+    if last is not True:
+        order = _checkpointed_attention_calls(ctx.root, bodies)
+        if not set(calls) <= set(order[-last:]):
+            return (f"save_attention={last} keeps attention's outputs in the last {last} of this graph's "
+                    f"{len(order)} checkpointed layers with attention (their backward runs first); "
+                    "this one recomputes as before")
+    if checkpoint_policy.has_policy(body):
+        return "this checkpointed layer already has a policy (a context_fn): left as set"
+    if any(n.target is attention_runtime.flex_sdpa for n in sites):
+        return checkpoint_policy.FLEX_NOT_SAVED
+    if any(_mask_requires_grad(n) for n in sites):
+        return ("an attention mask here requires grad: SDPA runs its math path, which has no fused output "
+                "to keep; recomputed as before")
+    return None
+
+
+def _attention_sites(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op == "call_function"
+            and n.target in (F.scaled_dot_product_attention, attention_runtime.sdpa_head_groups, attention_runtime.flex_sdpa)]
+
+
+def _checkpointed_attention_calls(root: fx.GraphModule, bodies: BodyInputs) -> list[fx.Node]:
+    """The checkpoint calls whose body holds attention, in the order the graph runs them
+    (calls in the captured graph itself first, then any nested ones)."""
+    position = {n: i for i, n in enumerate(root.graph.nodes)}
+    calls = [c for graph, cs in bodies.calls.items() if _attention_sites(graph)
+             for c in cs if op_name(c) == "tag_activation_checkpoint"]
+    return sorted(calls, key=lambda c: (c not in position, position.get(c, 0)))
 
 
 def _mask_requires_grad(sdpa: fx.Node) -> bool:

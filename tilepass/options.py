@@ -69,7 +69,10 @@ class Options:
     #: attention forward runs once per step instead of twice. Costs the attention output
     #: and its log-sum-exp per token per layer (4.1 KB for Llama-3.2-1B in bf16). Layers
     #: whose checkpoint already has a user policy (``context_fn``) are left alone.
-    save_attention: bool = False
+    #: ``True``: every checkpointed layer with attention; an int ``n``: only the last ``n``
+    #: of each compiled graph (the layers whose backward runs first, so the fewest kept
+    #: outputs are alive at once): a step-time/memory trade between ``False`` and ``True``.
+    save_attention: bool | int = False
     #: Sum weight gradients over tiles in float32 for low-precision parameters. Costs one
     #: float32 buffer per weight of the region (2x a bf16 weight) during its backward.
     accumulate_fp32: bool = False
@@ -97,6 +100,10 @@ class Options:
         return opts
 
     def validate(self) -> None:
+        if not isinstance(self.save_attention, bool) and not (isinstance(self.save_attention, int)
+                                                               and self.save_attention >= 1):
+            raise OptionsError("tilepass option 'save_attention' must be True, False or a positive int "
+                               f"(the last n checkpointed layers), got {self.save_attention!r}")
         for name in ("num_tiles", "tile_tokens", "attention_head_groups"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -113,7 +120,7 @@ class Options:
         if self.loss_kernel not in LOSS_KERNELS:
             raise OptionsError(f"tilepass option 'loss_kernel' must be one of "
                                f"{', '.join(map(repr, LOSS_KERNELS))}, got {self.loss_kernel!r}")
-        for name in ("mlp", "moe", "loss", "skip_logits", "attention", "save_attention", "accumulate_fp32"):
+        for name in ("mlp", "moe", "loss", "skip_logits", "attention", "accumulate_fp32"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "attention" and value is None):
                 raise OptionsError(f"tilepass option {name!r} must be True or False"

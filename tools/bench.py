@@ -27,7 +27,8 @@ SDPA's fused kernels, others to flex); ``tilepass+flex`` (every attention site t
 attention); ``tilepass+save`` (the defaults with ``save_attention``: checkpointed layers
 keep attention's outputs instead of recomputing attention); ``tilepass+skip`` and
 ``tilepass+save+skip`` (``skip_logits``: the returned logits are None, as with Liger's fused
-cross-entropy; ``causal`` only), with their controls ``tilepass+skip+1-group`` (SDPA in one
+cross-entropy; ``causal`` only) and ``tilepass+saveN+skip`` (N = 1, 2, 3: attention's outputs
+kept in the last N layers only), with the controls ``tilepass+skip+1-group`` (SDPA in one
 call per site, ``attention_head_groups=1``) and ``tilepass+skip+eager-loss`` (the loss tiles
 on eager kernels, ``loss_kernel="eager"``); ``tilepass+save-nothing`` (its
 control: the policy installed, keeping nothing); any tilepass variant with
@@ -55,6 +56,8 @@ TILEPASS_VARIANTS = {
     "tilepass+save": dict(save_attention=True),  # checkpointed layers keep attention's outputs
     "tilepass+skip": dict(skip_logits=True),  # causal: the loss region returns no logits
     "tilepass+save+skip": dict(save_attention=True, skip_logits=True),
+    # attention's outputs kept in the last 1, 2 or 3 layers only: between +skip and +save+skip
+    **{f"tilepass+save{n}+skip": dict(save_attention=n, skip_logits=True) for n in (1, 2, 3)},
     # controls for tilepass+skip, one lever off each: SDPA in one call per site (no head
     # groups), and the loss tiles on eager kernels (not compiled)
     "tilepass+skip+1-group": dict(skip_logits=True, attention_head_groups=1),

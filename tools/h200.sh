@@ -16,7 +16,7 @@
 #   causal_max_seq  the longest sequence of the 16-layer causal LM: tilepass+skip, liger, eager
 #   lora         dense stack with PEFT LoRA (r 16, all linear, base frozen) at 64K: tilepass, tilepass+save, eager
 #
-# Overrides: SEQS and VARIANTS (for a bench or max_seq run), NAME (its JSON file's name),
+# Overrides: SEQS and VARIANTS (for a bench or max_seq run), MODEL (memory_peak: dense, causal or moe), NAME (its JSON file's name),
 # LIMIT (seconds per run, default 540; every run also stops 15 s before TOTAL=580 s in all).
 # Liger and Cut Cross-Entropy (the liger and cce variants): `pip download --no-deps liger-kernel==0.8.5
 # cut-cross-entropy -d .whl` here, carry ".whl".
@@ -64,7 +64,7 @@ for r in "$@"; do
     max_seq) run max_seq "${LIMIT:-540}" python3 tools/max_seq.py --layers 16 --variants "${VARIANTS:-eager,liger,tilepass}" \
              --probe ${SEQS:-32768 65536} --cap 393216 --time-budget $(( $(capped "${LIMIT:-540}") - 30 )) \
              --out "$OUT/${NAME:-max_seq_h200}.json" ;;
-    memory_peak) run memory_peak "${LIMIT:-300}" python3 tools/memory_peak.py --layers 4 --seq ${SEQS:-65536} \
+    memory_peak) run memory_peak "${LIMIT:-300}" python3 tools/memory_peak.py --model ${MODEL:-dense} --layers 4 --seq ${SEQS:-65536} \
              --variants "${VARIANTS:-tilepass,tilepass+flex,eager}" --top 14 --out "$OUT/${NAME:-memory_peak_dense_h200}.json" ;;
     causal) bench bench_causal_h200 --model causal --layers 4 --seqs ${SEQS:-65536} \
              --variants "${VARIANTS:-tilepass+skip,liger,cce,tilepass+save+skip,tilepass,eager}" ;;

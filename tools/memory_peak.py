@@ -87,6 +87,7 @@ def record(model, variant: str, seq: int, args) -> dict:
     top = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[: args.top]
     row = dict(variant=variant, seq=seq, layers=args.layers, base_gib=base / 2**30, step_peak_gib=peak / 2**30,
                max_memory_allocated_gib=torch.cuda.max_memory_allocated() / 2**30, events=len(events), peak_event=at,
+               peak_alloc=dict(site=site(events[at].get("frames", [])), mib=events[at]["size"] / MIB) if events else None,
                live_blocks=len(blocks),
                top=[dict(site=s, mib=sum(sizes) / MIB, blocks=len(sizes), sizes_mib=sorted({round(x / MIB, 1) for x in sizes}))
                     for s, sizes in top])
@@ -116,6 +117,8 @@ def main(argv=None):
         print(f"\n{variant}: baseline {row['base_gib']:.2f} GiB, peak {row['step_peak_gib']:.2f} GiB above it "
               f"(max_memory_allocated {row['max_memory_allocated_gib']:.2f}), {row['live_blocks']} blocks alive at "
               f"event {row['peak_event']}/{row['events']}")
+        if row["peak_alloc"]:
+            print(f"  reached by a {row['peak_alloc']['mib']:.1f} MiB block at {row['peak_alloc']['site']}")
         for t in row["top"]:
             print(f"  {t['mib']:9.1f} MiB  {t['blocks']:3d}× {t['sizes_mib']}  {t['site']}")
         if args.out:
