@@ -169,10 +169,16 @@ def test_hand_written_head_float64(name, tiling):
     assert record.tiles == (4 if "num_tiles" in tiling else 5) and record.logits_bytes == 0
 
 
-def test_compiled_tile_float64():
+@pytest.mark.parametrize("fresh_thread", [False, True], ids=["in-place", "fresh-thread"])
+def test_compiled_tile_float64(fresh_thread, monkeypatch):
     """loss_kernel="compiled": each tile's program runs through inductor (two tile shapes:
     16 tokens and a shorter last one), exact in float64 with a bias, softcap, a learned
-    logit scale and label smoothing, for the expected gradient and another one."""
+    logit scale and label smoothing, for the expected gradient and another one. Both ways
+    compat allows: compiled inside the custom op's kernel (CPU), or in a fresh thread (CUDA)."""
+    monkeypatch.setattr(tilepass.compat, "compiled_tiles_need_fresh_thread", lambda device_type: fresh_thread)
+    threads = []
+    monkeypatch.setattr(tilepass.loss_runtime, "in_fresh_thread",
+                        lambda *args, run=tilepass.loss_runtime.in_fresh_thread: threads.append(1) or run(*args))
     torch.manual_seed(0)
     model = Head(bias=True, softcap=3.0, scaled=True, smoothing=0.1).double()
     ids = torch.randint(0, 96, (2, 37))
@@ -195,6 +201,7 @@ def test_compiled_tile_float64():
     assert record.kernel == "compiled" and record.shown_pattern.endswith("-> compiled")
     region = tilepass.runtime.registered_region(record.region_key)
     assert region.compile_tile and region.compiled_fn is not None  # the tiles did run compiled
+    assert bool(threads) == fresh_thread
 
 
 def test_sum_divided_by_a_tensor_count():

@@ -66,3 +66,15 @@ def has_triton() -> bool:
     except ImportError:  # pragma: no cover - every supported torch has it
         return False
     return bool(_has_triton())
+
+
+def compiled_tiles_need_fresh_thread(device_type: str) -> bool:
+    """Must a tile program compiled by inductor run outside the custom op's dispatch state?
+
+    Inside a custom op's kernel, autograd's keys are excluded; compiling there with them
+    re-included (:func:`autograd_inside_custom_op`) hit an internal assert on CUDA with torch
+    2.11 (``PythonFallbackKernel.cpp``, ``tls_on_entry``), so on CUDA the compiled tiles run in
+    a fresh thread, whose dispatch state is the default. No newer CUDA torch has been seen to
+    fix it, so every CUDA torch takes that path. On CPU (torch 2.6 to 2.13) the compile
+    works in place, and the tiles run in the caller's thread."""
+    return device_type == "cuda"

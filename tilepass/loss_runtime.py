@@ -41,15 +41,13 @@ def run_tiled_loss(key: str, x: Tensor, target: Tensor, scale: Tensor, params: S
     region = registered_region(key)
     need_x, need_p = bool(needs_grad[0]), [bool(b) for b in needs_grad[1:]]
     training = need_x or any(need_p)
-    if region.compile_tile:
-        # A custom op's kernel runs with autograd's dispatch keys excluded; inductor's compile
-        # under the keys re-included fails on torch 2.11 (an internal assert in
-        # PythonFallbackKernel.cpp), so compiled tiles run where the dispatch state is the default
-        grads = torch.enable_grad() if training else torch.no_grad()
-        return in_fresh_thread(x.device, _run_tiles, region, tile_program(region), grads, x, target, scale, params,
+    program = tile_program(region)
+    if region.compile_tile and compat.compiled_tiles_need_fresh_thread(x.device.type):
+        grads = torch.enable_grad() if training else torch.no_grad()  # a fresh thread's dispatch state is the default
+        return in_fresh_thread(x.device, _run_tiles, region, program, grads, x, target, scale, params,
                                num_tiles, tile_tokens, need_x, need_p)
     grads = compat.autograd_inside_custom_op() if training else torch.no_grad()
-    return _run_tiles(region, region.fn, grads, x, target, scale, params, num_tiles, tile_tokens, need_x, need_p)
+    return _run_tiles(region, program, grads, x, target, scale, params, num_tiles, tile_tokens, need_x, need_p)
 
 
 def _run_tiles(region, fn, grad_mode, x: Tensor, target: Tensor, scale: Tensor, params: Sequence[Tensor],
