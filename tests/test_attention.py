@@ -247,7 +247,7 @@ def test_eager_attention_form_is_routed(arch, pad, pattern):
 
 
 def test_attention_sinks_on_cpu_are_left_alone_with_a_reason():
-    model = tiny_model("gpt_oss", attn_implementation="eager").eval()
+    model = tiny_model("gpt_oss", attn_implementation="eager", num_hidden_layers=1).eval()
     ids = torch.randint(3, 128, (1, 16))
     with torch.no_grad():
         want = model(input_ids=ids, use_cache=False).logits
@@ -442,7 +442,7 @@ def test_packed_documents_are_routed(impl):
     """Packed sequences: position_ids restart at each document; transformers turns the
     restarts into document ids, and the lifted mask gathers them (no attention across
     documents). Outputs equal the unrouted model's."""
-    model = tiny_model("llama", attn_implementation=impl).eval()
+    model = tiny_model("llama", attn_implementation=impl, num_hidden_layers=1).eval()
     ids = torch.randint(3, 128, (2, 150))
     lengths = [[60, 50, 40], [100, 50]]
     position_ids = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in lengths])
@@ -453,7 +453,7 @@ def test_packed_documents_are_routed(impl):
     torch.testing.assert_close(want[:1, 60:110], separate, rtol=1e-5, atol=1e-5)  # the model really packs
     out, graphs = _routed_graphs(model, inputs, mlp=False)
     torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
-    assert [r.pattern for r in rewritten("attention")] == [("eager+" if impl == "eager" else "") + "mask(b,kv_idx,q_idx)"] * 2
+    assert [r.pattern for r in rewritten("attention")] == [("eager+" if impl == "eager" else "") + "mask(b,kv_idx,q_idx)"]
 
 
 def test_positions_from_an_arange_fold_to_a_plain_causal_mask():
@@ -583,7 +583,7 @@ def test_static_kv_cache_writes_survive_the_rewrite():
     rewritten graph, so the cache holds the same keys/values as an eager prefill."""
     from transformers import StaticCache
 
-    model = tiny_model("llama", attn_implementation="sdpa").eval()
+    model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=1).eval()
     ids = torch.randint(3, 128, (1, 12))
     caches = [StaticCache(config=model.config, max_cache_len=32) for _ in range(2)]
     with torch.no_grad():
@@ -601,7 +601,7 @@ def test_static_kv_cache_writes_survive_the_rewrite():
 def test_routed_graphs_compile_once_per_mode():
     """Routing happens inside the graph inductor compiles: calls with the same shapes reuse
     it, and flipping train/eval compiles once per mode (Dynamo's guard), not per call."""
-    model = tiny_model("llama", attn_implementation="sdpa").eval()
+    model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=1).eval()
     compiles = []
 
     def counting(gm, example_inputs):
@@ -615,7 +615,7 @@ def test_routed_graphs_compile_once_per_mode():
             getattr(model, mode)()
             fn(input_ids=ids, use_cache=False)
     assert len(compiles) == 2
-    assert len(rewritten("attention")) == 4  # two sites, in each mode's graph
+    assert len(rewritten("attention")) == 2  # the site, in each mode's graph
 
 
 @pytest.mark.parametrize("eq", [operator.eq, torch.eq, torch.Tensor.__eq__, "__eq__"])
@@ -651,12 +651,13 @@ def test_folded_constants_propagate_through_the_mask_program(eq):
 
 @pytest.mark.parametrize("dynamic", [None, False])
 def test_varying_sequence_lengths(dynamic):
-    """A third length makes Dynamo compile a dynamic-shape graph; routing that is not
+    """A second length makes Dynamo compile a dynamic-shape graph; routing that is not
     supported yet (flex_versions.symbolic_lengths_supported), so it stays SDPA with the
-    reason. With dynamic=False every length gets its own routed graph. Outputs stay right."""
-    model = tiny_model("llama", attn_implementation="sdpa").eval()
+    reason. With dynamic=False every length gets its own routed graph. Outputs stay right.
+    (One layer: each length's graph compiles flex attention, the slow part on CPU.)"""
+    model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=1).eval()
     fn = torch.compile(model, backend="tilepass", options=dict(mlp=False), dynamic=dynamic)
-    for seq in (40, 56, 77):
+    for seq in (40, 56, 77) if dynamic is None else (40, 56):
         ids = torch.randint(3, 128, (2, seq))
         am = torch.ones(2, seq, dtype=torch.long)
         am[1, :5] = 0
@@ -666,9 +667,9 @@ def test_varying_sequence_lengths(dynamic):
         torch.testing.assert_close(got[am.bool()], want[am.bool()], rtol=1e-5, atol=1e-5)
     statuses = [r.status for r in tilepass.report() if r.kind == "attention"]
     if dynamic is False:
-        assert statuses == ["rewritten"] * 6
-    else:
-        assert statuses[:2] == ["rewritten"] * 2 and set(statuses[2:]) == {"rejected"}
+        assert statuses == ["rewritten"] * 2
+    else:  # the first length routed; the symbolic graph (second and third lengths) not
+        assert statuses == ["rewritten", "rejected"]
         assert {r.reason for r in rejected("attention")} == {
             "dynamic sequence length: routing it to flex attention is not supported yet (inductor fails on it); "
             "torch.compile(..., dynamic=False) routes each length"}
@@ -793,7 +794,7 @@ def test_plain_causal_llama_trains_through_sdpa_in_checkpointed_layers():
 
 
 def test_attention_kernel_flex_keeps_causal_on_flex():
-    model = tiny_model("llama", attn_implementation="eager").eval()
+    model = tiny_model("llama", attn_implementation="eager", num_hidden_layers=1).eval()
     ids = torch.randint(3, 128, (2, 30))
     with torch.no_grad():
         want = model(input_ids=ids).logits
@@ -801,7 +802,7 @@ def test_attention_kernel_flex_keeps_causal_on_flex():
             tilepass.reset()
             got = torch.compile(model, backend="tilepass", options=dict(attention_kernel=kernel, mlp=False))(input_ids=ids).logits
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-            assert [r.kernel for r in rewritten("attention")] == [{"auto": "sdpa", "flex": "flex"}[kernel]] * 2
+            assert [r.kernel for r in rewritten("attention")] == [{"auto": "sdpa", "flex": "flex"}[kernel]]
             torch._dynamo.reset()
 
 
@@ -927,7 +928,7 @@ def test_transformers_masks_route_to_sdpa_under_dynamic_lengths():
     symbolic length. Its positions and document ids are an arange and zeros, proved without
     evaluating, so the mask is plain causal and goes to SDPA's kernel (flex is not routed
     with symbolic lengths). Training losses match eager at every length."""
-    model = tiny_model("llama", attn_implementation="sdpa")
+    model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=1)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fn = torch.compile(model, backend="tilepass", options=dict(num_tiles=2))
     for seq in (40, 56, 77):
@@ -935,7 +936,7 @@ def test_transformers_masks_route_to_sdpa_under_dynamic_lengths():
         torch.testing.assert_close(fn(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss,
                                    rtol=1e-5, atol=1e-5)
     records = [r for r in tilepass.report() if r.kind == "attention"]
-    assert [(r.status, r.kernel) for r in records] == [("rewritten", "sdpa")] * 4, records
+    assert [(r.status, r.kernel) for r in records] == [("rewritten", "sdpa")] * 2, records
     assert len({r.compile_id for r in records}) == 2  # a static graph, then the symbolic one
 
 
@@ -1049,7 +1050,7 @@ def test_grad_turned_on_inside_a_no_grad_call_counts_as_training():
     """A compiled function called under no_grad that enables grad inside: its attention is
     trained, so a padded (flex) site is not routed on CPU (flex has no CPU backward), and
     the gradients equal eager's (it failed to compile before)."""
-    model = tiny_model("llama", attn_implementation="sdpa")
+    model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=1)
     ids = torch.randint(3, 128, (2, 16))
     am = torch.ones(2, 16, dtype=torch.long)
     am[1, :3] = 0
