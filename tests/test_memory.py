@@ -88,13 +88,13 @@ def test_report_estimates_the_saving():
 
 
 def test_moe_routed_intermediate_not_saved_under_inductor():
-    """A Qwen3-MoE-shaped model (4 experts, top-2, grouped_mm, float32): without tilepass,
-    inductor keeps the routed [tokens*top_k, ...] tensors of every block for backward;
-    with tilepass it keeps none of them."""
+    """A Qwen3-MoE-shaped block (4 experts, top-2, grouped_mm, float32): without tilepass,
+    inductor keeps its routed [tokens*top_k, ...] tensors for backward; with tilepass it
+    keeps none of them. (One layer: what the partitioner keeps is per block.)"""
     from tilepass.tiny_models import tiny_model
 
     torch.manual_seed(0)
-    model = tiny_model("qwen3_moe", experts_implementation="grouped_mm", num_hidden_layers=2, moe_intermediate_size=256)
+    model = tiny_model("qwen3_moe", experts_implementation="grouped_mm", num_hidden_layers=1, moe_intermediate_size=256)
     tokens, top_k = 1024, 2
     ids = torch.randint(3, 128, (1, tokens))
 
@@ -117,9 +117,9 @@ def test_moe_routed_intermediate_not_saved_under_inductor():
     plain = measure(torch.compile(model, backend="inductor"))
     tilepass.reset()
     tiled = measure(torch.compile(model, backend="tilepass", options={"num_tiles": 8}))
-    assert len(rewritten("moe")) == 2
+    assert len(rewritten("moe")) == 1
     routed = lambda saved: [s for s, _ in saved if s and s[0] == tokens * top_k]  # noqa: E731
-    assert len(routed(plain)) >= 2, plain
+    assert len(routed(plain)) >= 1, plain
     assert routed(tiled) == [], tiled
     plain_bytes, tiled_bytes = sum(b for _, b in plain), sum(b for _, b in tiled)
     assert tiled_bytes < plain_bytes * 0.6, (tiled_bytes, plain_bytes)
