@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
