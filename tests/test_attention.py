@@ -419,7 +419,7 @@ def test_checkpointed_layers_are_routed_with_the_mask_built_outside(monkeypatch,
 def test_mask_ops_recorded_as_tensor_dunders_are_lifted():
     """Dynamo may record ``a <= b`` as ``operator.le``, ``Tensor.__le__`` or a ``__le__`` method
     call (torch 2.11 on CUDA records the packed-sequence ``==`` as ``__eq__``)."""
-    from tilepass.match_attention import lift_mask
+    from tilepass.mask_program import lift_mask
 
     g = fx.Graph()
     ar = g.call_function(torch.arange, (8,))
@@ -624,7 +624,7 @@ def test_folded_constants_propagate_through_the_mask_program(eq):
     then evaluates to True and ``causal & True`` to ``causal``: the program reads neither
     data nor extra arithmetic, in every spelling of ``==`` (torch 2.11 on CUDA records the
     method ``__eq__``; before this folded, its program kept ``(q * 0 + 0).__eq__(0)``)."""
-    from tilepass.match_attention import is_plain_causal, lift_mask
+    from tilepass.mask_program import is_plain_causal, lift_mask
 
     g = fx.Graph()
     ar = g.call_function(torch.arange, (8,))
@@ -679,7 +679,7 @@ def test_varying_sequence_lengths(dynamic):
 
 def _program(build):
     """A mask program fn(b, h, q_idx, kv_idx) from ``build(q, kv) -> node``."""
-    from tilepass.match_attention import MaskProgram
+    from tilepass.mask_program import MaskProgram
 
     g = fx.Graph()
     b, h, q, kv = (g.placeholder(n) for n in ("b", "h", "q_idx", "kv_idx"))
@@ -700,7 +700,7 @@ def _program(build):
                                                       )), False),  # sliding window
 ])
 def test_plain_causal_programs_are_recognised_exactly(build, causal):
-    from tilepass.match_attention import is_plain_causal
+    from tilepass.mask_program import is_plain_causal
 
     assert is_plain_causal(_program(build)) is causal
 
@@ -825,7 +825,7 @@ def test_and_masks_start_value_and_device_move_fold_to_plain_causal(and_op, move
     """transformers' and_masks: ``new_ones((), dtype=bool) & causal(...).to(device)``, in each
     spelling Dynamo records (torch 2.11 on CUDA records operators as Tensor dunders):
     the start value and the move fold away, leaving ``kv_idx <= q_idx``."""
-    from tilepass.match_attention import is_plain_causal, lift_mask
+    from tilepass.mask_program import is_plain_causal, lift_mask
 
     g = fx.Graph()
     ar = g.call_function(torch.arange, (8,))
@@ -913,7 +913,7 @@ def test_symbolic_constant_facts_agree_with_evaluation(name, build):
     """The abstract interpreter used under symbolic lengths, run on static graphs against
     plain evaluation: every fact it proves ("uniform c", "position off") is what the values
     are; where it cannot prove one it says nothing (None), never something else."""
-    from tilepass.match_attention import _constant_data, _symbolic_constant_data
+    from tilepass.mask_constants import constant_data as _constant_data, symbolic_constant_data as _symbolic_constant_data
 
     node = _traced(build)
     proved, evaluated = _symbolic_constant_data(node), _constant_data(node)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from . import attention_runtime, checkpoint_policy, flex_versions
 from .fx_utils import common_module, hint, op_name, tensor_value
 from .hop_inputs import BodyInputs
-from .match_attention import AttentionSite, find_attention, is_plain_causal, same_size
+from .mask_program import is_plain_causal, same_size
+from .match_attention import AttentionSite, find_attention
 from .options import default_head_groups
 from .pass_context import PassContext, cleanup, nbytes
 from .region import program_key
