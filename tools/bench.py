@@ -28,7 +28,7 @@ attention); ``tilepass+save`` (the defaults with ``save_attention``: checkpointe
 keep attention's outputs instead of recomputing attention); ``tilepass+skip`` and
 ``tilepass+save+skip`` (``skip_logits``: the returned logits are None, as with Liger's fused
 cross-entropy; ``causal`` only) and ``tilepass+saveN+skip`` (N = 1, 2, 3: attention's outputs
-kept in the last N layers only), with the controls ``tilepass+skip+1-group`` (SDPA in one
+kept in the last N layers only; ``+8-groups``: SDPA in 8 groups of heads), with the controls ``tilepass+skip+1-group`` (SDPA in one
 call per site, ``attention_head_groups=1``) and ``tilepass+skip+eager-loss`` (the loss tiles
 on eager kernels, ``loss_kernel="eager"``); ``tilepass+save-nothing`` (its
 control: the policy installed, keeping nothing); any tilepass variant with
@@ -58,6 +58,9 @@ TILEPASS_VARIANTS = {
     "tilepass+save+skip": dict(save_attention=True, skip_logits=True),
     # attention's outputs kept in the last 1, 2 or 3 layers only: between +skip and +save+skip
     **{f"tilepass+save{n}+skip": dict(save_attention=n, skip_logits=True) for n in (1, 2, 3)},
+    # ... and with SDPA in 8 groups of heads (half of cuDNN's work block per call at 64K)
+    "tilepass+save2+skip+8-groups": dict(save_attention=2, skip_logits=True, attention_head_groups=8),
+    "tilepass+save+skip+8-groups": dict(save_attention=True, skip_logits=True, attention_head_groups=8),
     # controls for tilepass+skip, one lever off each: SDPA in one call per site (no head
     # groups), and the loss tiles on eager kernels (not compiled)
     "tilepass+skip+1-group": dict(skip_logits=True, attention_head_groups=1),
