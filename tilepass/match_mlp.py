@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from . import rowwise
-from .closure import Closed, close_region, same_value, strip_token_views
+from .engine import Closed, Rejection, close_region, same_value, strip_token_views
 from .fx_utils import arg_nodes, common_module, example_value, leading_numel, op_name, tensor_value
 
 # A walk from a projection back through more nodes than this is not an MLP (it is the
@@ -52,15 +52,6 @@ class MlpMatch:
     @property
     def inner(self) -> list[fx.Node]:
         return [n for n in self.nodes if n not in self.ups and n is not self.output]
-
-
-@dataclasses.dataclass
-class Rejection:
-    anchor: fx.Node
-    reason: str
-    module: str
-    pattern: str
-    nodes: list[fx.Node]
 
 
 def _walk_back(down: fx.Node, num_tokens: Any) -> tuple[list[fx.Node], list[fx.Node]] | None:

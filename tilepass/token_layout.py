@@ -70,7 +70,7 @@ class LayoutAnalysis:
         self.T = num_tokens
         self.layouts: dict[fx.Node, Any] = {}
         self.grouped_mm = _grouped_mm_targets()
-        self.experts = 0  # expert computations seen (grouped matmuls, gathered-weight bmm)
+        self.experts: set[fx.Node] = set()  # the expert computations (grouped matmuls, gathered-weight bmm)
 
     # -- helpers -------------------------------------------------------------------------
     def of(self, a: Any) -> Any:
@@ -251,7 +251,7 @@ class LayoutAnalysis:
             experts = example_value(w).shape[0] if isinstance(example_value(w), torch.Tensor) else None
             if lo.bins != (experts, 0, (experts or 0) - 1):
                 raise NotTokenwise(f"a grouped matmul over {experts} experts whose groups were counted with histc{lo.bins}")
-            self.experts += 1
+            self.experts.add(node)
             return lx
         raise NotTokenwise("a grouped matmul whose groups are not the sorted rows of its input")
 
@@ -259,7 +259,7 @@ class LayoutAnalysis:
         a, b = node.args[0], node.args[1]
         la, lb = self.of(a), self.of(b)
         if isinstance(la, Tok) and la == lb and la.row_dims == 1:
-            self.experts += 1  # a per-row product with gathered expert weights
+            self.experts.add(node)  # a per-row product with gathered expert weights
             return la
         raise NotTokenwise(f"op `{op_name(node)}` between tensors of different rows")
 

@@ -1,36 +1,57 @@
-"""Close a row-wise region: one token input, no intermediate read outside.
+"""The matching engine: one rule for every row-wise region.
 
-A matcher proposes a seed region (for a dense MLP: the up projections, the ops between
-them and the down projection). :func:`close_region` grows it by the one rule every
-tiled region obeys:
+A region is the row-wise closure from one token-major input ``x`` to the values that
+leave it, with no intermediate read outside. Its weights are whatever else it reads
+(parameters, buffers, feature-wise tensors; none computed from the region); its outputs
+are the values it computes that are read outside, returned as the graph has them.
 
-* **one input**: every token tensor the region reads from outside is one tensor ``x``
-  (up to reshapes of its token dims). While there are several, the latest of them (in
-  graph order) is taken in, if it is row-wise (:func:`tilepass.rowwise.classify`): a
-  LoRA ``lora_A(dropout(x))`` branch next to the base ``linear(x)`` joins the region
-  this way, and ``x`` remains.
-* **one output**: a value computed inside and read outside is an output. While there
-  are several, the earliest reader that is row-wise and reads only the region's values
-  (and external tensors) is taken in: a LoRA branch on the down projection, which reads
-  the intermediate, joins the region this way, up to the add after the down projection.
+One judge says which ops belong: :class:`tilepass.token_layout.LayoutAnalysis` gives
+every value a layout (which rows belong to which token). A dense op is its plain case,
+natural rows in and out, decided by :func:`tilepass.rowwise.classify`; an MoE block's
+dispatch, sort, grouped matmul and un-sort move rows, and its rules follow them.
 
-What the region reads besides ``x`` is external (weights, biases, feature-wise tensors);
-none of it may be computed from the region. Knows nothing of MLPs or of tiling.
+A per-kind description (:mod:`tilepass.match_mlp`, :mod:`tilepass.match_moe`) says where
+regions start and what it calls them; the engine grows them, in one of two ways:
+
+* :func:`close_region` grows a seed (a dense MLP: its projections and the ops between
+  them) to the closure: while the region reads several token tensors, the latest of them
+  is taken in if row-wise (a LoRA ``lora_A(dropout(x))`` next to ``linear(x)``); while
+  several values leave it, the earliest reader that reads only the region is taken in
+  (a LoRA branch on the down projection, up to its add).
+* :func:`sweep` follows everything computed from ``x`` and weights alone, in graph order,
+  up to the first op the judge cannot follow (an MoE block, whose router, dispatch and
+  experts are not one chain); :func:`needed` then cuts it to what an output needs.
+
+Either way :func:`external_reads` gives the weights, and the rejection says why not.
+Knows nothing of tiling.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
 
 from . import rowwise
-from .fx_utils import arg_nodes, example_value, op_name
+from .fx_utils import arg_nodes, example_value, mutates, op_name, tensor_value
+from .layouts import NotTokenwise, Tok
+from .token_layout import LayoutAnalysis
 
 # Nodes a closure may take in beyond the seed (a LoRA branch on three projections with
 # dropout is ~20); past this the region is not an MLP-sized block.
 MAX_ABSORBED = 64
+
+
+@dataclasses.dataclass
+class Rejection:
+    """A candidate region that is left as it was, and why."""
+
+    anchor: fx.Node
+    reason: str
+    module: str
+    pattern: str
+    nodes: list[fx.Node]
 
 
 @dataclasses.dataclass
@@ -116,12 +137,8 @@ def close_region(seed: Iterable[fx.Node], output: fx.Node, num_tokens: Any, what
     output = outs[0] if outs else output
     inputs = _inputs(region, num_tokens)
     source = min({strip_token_views(a, num_tokens) for a in inputs}, key=order.__getitem__)
-    params: list[fx.Node] = []
-    for n in nodes:
-        reads = [n.args[0]] if rowwise.classify(n, num_tokens).kind == "view" else arg_nodes(n)
-        for a in reads:
-            if a not in region and a not in inputs and a not in params:
-                params.append(a)
+    params = external_reads(nodes, region | inputs, lambda n: (
+        [n.args[0]] if rowwise.classify(n, num_tokens).kind == "view" else arg_nodes(n)))
     made = _descendants(nodes, order)
     for a in list(inputs) + params:
         if a in made:
@@ -176,3 +193,98 @@ def same_value(a: Any, b: Any, depth: int = 32) -> bool:
     pairs = list(zip(a.args, b.args)) + [(a.kwargs[k], b.kwargs[k]) for k in a.kwargs]
     return all(same_value(x, y, depth - 1) if isinstance(x, fx.Node) or isinstance(y, fx.Node)
                else (type(x) is type(y) and x == y) for x, y in pairs)
+
+
+def external_reads(nodes: Iterable[fx.Node], inside: set[fx.Node],
+                   reads: Callable[[fx.Node], Iterable[fx.Node]] = arg_nodes) -> list[fx.Node]:
+    """What ``nodes`` read from outside ``inside`` (the region's weights), in first-use order."""
+    out: list[fx.Node] = []
+    for n in nodes:
+        for a in reads(n):
+            if a not in inside and a not in out:
+                out.append(a)
+    return out
+
+
+# -- the forward sweep ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Swept:
+    nodes: list[fx.Node]  # graph order, without the source
+    inside: set[fx.Node]  # nodes and the source
+    stopped: dict[fx.Node, str]  # ops computed from the region that the judge could not follow, and why
+
+
+def sweep(graph: fx.Graph, source: fx.Node, analysis: LayoutAnalysis, data: set[fx.Node]) -> Swept:
+    """Everything computed, in graph order, from ``source`` and values that are not token
+    data (``data``: see :func:`data_dependent`), as far as the judge follows it. An op that
+    reads other token data is outside; one the judge rejects stops the sweep there, and
+    so does everything computed from it."""
+    analysis.layouts[source] = Tok(1, None, tensor_value(source).dim() - 1)
+    nodes: list[fx.Node] = []
+    inside = {source}
+    stopped: dict[fx.Node, str] = {}
+    started = False
+    for n in graph.nodes:
+        if n is source:
+            started = True
+            continue
+        if not started or n.op not in ("call_function", "call_method"):
+            continue
+        args = list(arg_nodes(n))
+        if not any(a in inside or a in stopped for a in args):
+            if analysis.is_row_count_creation(n):
+                # arange(T*k) for an inverse permutation: its size is the token count, so
+                # it belongs to the tile (and is re-sized there).
+                analysis.layouts[n] = analysis.infer(n)
+                nodes.append(n)
+                inside.add(n)
+            continue
+        foreign = [a for a in args if a in data and a not in inside]
+        if foreign or any(a in stopped for a in args):
+            if any(a in inside for a in args) and not foreign:
+                stopped[n] = next(stopped[a] for a in args if a in stopped)
+            continue  # reads other token data: outside the region
+        try:
+            analysis.layouts[n] = analysis.infer(n)
+        except NotTokenwise as e:
+            stopped[n] = str(e)
+            continue
+        nodes.append(n)
+        inside.add(n)
+    return Swept(nodes, inside, stopped)
+
+
+def data_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes computed from graph inputs that are not parameters or buffers."""
+    data: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            if not _is_param_placeholder(n):
+                data.add(n)
+        elif any(a in data for a in arg_nodes(n)):
+            data.add(n)
+    return data
+
+
+def _is_param_placeholder(node: fx.Node) -> bool:
+    v = example_value(node)
+    return isinstance(v, torch.nn.Parameter) or "_parameters_" in node.name or "_buffers_" in node.name
+
+
+def needed(node: fx.Node, region: set[fx.Node]) -> set[fx.Node]:
+    """What ``node`` needs inside ``region``: its inputs, recursively, and every in-place
+    op that wrote one of them (its result may be unused, its effect is not)."""
+    writers: dict[fx.Node, list[fx.Node]] = {}
+    for n in region:
+        if mutates(n) and n.args and isinstance(n.args[0], fx.Node):
+            writers.setdefault(n.args[0], []).append(n)
+    out, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in out or n not in region:
+            continue
+        out.add(n)
+        stack.extend(arg_nodes(n))
+        stack.extend(writers.get(n, ()))
+    return out
