@@ -35,7 +35,7 @@ import torch.fx as fx
 
 from . import rowwise
 from .fx_utils import arg_nodes, example_value, mutates, op_name, tensor_value
-from .layouts import NotTokenwise, Tok
+from .layouts import Ext, NotTokenwise, Tok, Tuple
 from .token_layout import LayoutAnalysis
 
 # Nodes a closure may take in beyond the seed (a LoRA branch on three projections with
@@ -204,6 +204,48 @@ def external_reads(nodes: Iterable[fx.Node], inside: set[fx.Node],
             if a not in inside and a not in out:
                 out.append(a)
     return out
+
+
+# -- the judge -----------------------------------------------------------------------------
+
+class Judge(LayoutAnalysis):
+    """The one op judge. Its plain case is the dense rule: an op whose token operands all
+    have their rows (dim 0) in one layout, and whose other operands are the same for every
+    row, is judged by :func:`tilepass.rowwise.classify` over those rows, and its result
+    keeps them. Anything else (a dispatch, a sort, a grouped matmul, per-row vectors) goes
+    to the layout rules of :class:`~tilepass.token_layout.LayoutAnalysis`."""
+
+    def infer(self, node: fx.Node) -> Any:
+        plain = self.rowwise(node)
+        return plain if plain is not None else super().infer(node)
+
+    def rowwise(self, node: fx.Node) -> Any:
+        """The layout the dense rule gives ``node``, or None where it does not decide."""
+        ins = {a: self.of(a) for a in arg_nodes(node)}
+        rows = {lay for lay in ins.values() if not isinstance(lay, Ext)}
+        if len(rows) != 1 or not isinstance(next(iter(rows)), Tok) or next(iter(rows)).row_dims != 1:
+            return None
+        (lay,) = rows
+        n = self.T * lay.m
+        out = example_value(node)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        if not all(_rows_first(v, n) for v in outs) or not all(
+                _rows_first(example_value(a), n) for a, la in ins.items() if la == lay):
+            return None
+        verdict = rowwise.classify(node, n)
+        if not verdict.ok or verdict.kind == "random":  # dropout in training: the layout rules say why not
+            return None
+        if verdict.kind == "matmul":  # its one token operand in these rows, every other operand a weight
+            others = [a for i, a in enumerate(node.args) if i != verdict.token_arg] + list(node.kwargs.values())
+            if self.of(node.args[verdict.token_arg]) != lay or not all(isinstance(self.of(a), Ext) for a in others):
+                return None
+        elif not all(la == lay or rowwise.broadcasts_over_features(example_value(a)) for a, la in ins.items()):
+            return None  # an external tensor that varies over the rows
+        return Tuple(tuple(lay for _ in outs)) if isinstance(out, (tuple, list)) else lay
+
+
+def _rows_first(value: Any, rows: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows
 
 
 # -- the forward sweep ---------------------------------------------------------------------

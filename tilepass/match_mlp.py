@@ -1,4 +1,4 @@
-"""Find dense MLPs in a Dynamo graph, from the graph alone.
+"""The dense MLP description for the engine: dense MLPs in a Dynamo graph, from the graph alone.
 
 An MLP here is a *down* projection whose token input is computed, through row-wise ops
 only, from one or more *up* projections that all read the same tensor ``x``::
@@ -10,9 +10,13 @@ only, from one or more *up* projections that all read the same tensor ``x``::
 This covers SwiGLU/GeGLU (gate, up), fused gate_up + chunk (Phi-3), and plain two-layer
 MLPs (GELU exact/tanh/spelled out, ReLU, SiLU), with or without biases, whether the
 projections are ``linear`` or ``view/addmm/view`` (GPT-2's Conv1D). Instead of a list of
-model shapes there is one rule: every op between the projections must act row-wise on
-tokens (:mod:`tilepass.rowwise`), and nothing outside may read an intermediate. A
-candidate that breaks the rule is returned as a :class:`Rejection` with the reason.
+model shapes there is the engine's one rule: every op between the projections must act
+row-wise on tokens (:mod:`tilepass.rowwise`, the judge's plain case), and the region is
+closed to one input, nothing outside reading an intermediate
+(:func:`tilepass.engine.close_region`). What this kind adds: where a candidate starts (a
+down projection, walked back to its up projections), its pattern name, and that its one
+output has the input's token dims. A candidate that breaks the rule is returned as a
+:class:`~tilepass.engine.Rejection` with the reason.
 
 This module knows nothing of tiling; it only says what is there.
 """

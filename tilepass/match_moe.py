@@ -1,13 +1,16 @@
-"""Find MoE blocks (router + experts, optional shared expert) in a Dynamo graph.
+"""The MoE description for the engine: MoE blocks (router + experts, optional shared
+expert) in a Dynamo graph.
 
-A block starts at a routing op (``topk``) whose scores come, through row-wise ops, from a
-projection of some tensor ``x``. The candidate region is everything computed from ``x``
-and weights alone (no other token data), in graph order. :mod:`tilepass.token_layout`
-then follows the rows through dispatch (repeat/sort/gather), the experts (grouped matmul
-or batched matmul over gathered weights) and the combine (un-sort, sum over top-k). The
-first op it cannot follow ends the region there; the ops after it run untiled, as before.
-The block is tiled when it holds an expert computation and every value leaving it is
-back in natural token order, e.g. ``(hidden [B, S, H], router_logits [B*S, E])``.
+Where a block starts: a routing op (``topk``) whose scores come, through row-wise ops,
+from a projection of some tensor ``x`` (the router's source). The engine sweeps forward
+from ``x`` (:func:`tilepass.engine.sweep`): everything computed from ``x`` and weights
+alone, judged op by op, rows followed through dispatch (repeat/sort/gather), the experts
+(grouped matmul or batched matmul over gathered weights) and the combine (un-sort, sum
+over top-k). The first op the judge cannot follow ends the region there; the ops after it
+run untiled, as before. What this kind adds: the block is tiled when it holds an expert
+computation and every value leaving it is back in natural token order, e.g.
+``(hidden [B, S, H], router_logits [B*S, E])``; and its pattern name
+(``moe_{grouped_mm|batched_mm}_top{k}[_shared]``).
 
 Knows nothing of tiling; returns matches and rejections with reasons.
 """
@@ -20,10 +23,9 @@ import torch
 import torch.fx as fx
 
 from . import rowwise
-from .engine import Rejection, data_dependent, external_reads, needed, sweep
+from .engine import Judge, Rejection, data_dependent, external_reads, needed, sweep
 from .fx_utils import arg_nodes, common_module, example_value, leading_numel, op_name, tensor_value
 from .layouts import Tok
-from .token_layout import LayoutAnalysis
 
 
 @dataclasses.dataclass
@@ -128,7 +130,7 @@ def find_moes(graph: fx.Graph) -> tuple[list[MoeMatch], list[Rejection]]:
 
 
 def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, data: set[fx.Node]):
-    analysis = LayoutAnalysis(num_tokens)
+    analysis = Judge(num_tokens)
     swept = sweep(graph, source, analysis, data)
     region, in_region = swept.nodes, swept.inside
     expert_derived: set[fx.Node] = set()

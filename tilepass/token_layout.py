@@ -1,12 +1,14 @@
-"""Token layouts: which rows of a tensor belong to which token, through MoE dispatch.
+"""The layout rules of the engine's judge: which rows of a tensor belong to which token,
+through an MoE block's dispatch.
 
-The row-wise rule of :mod:`tilepass.rowwise` is enough for dense MLPs. An MoE block also
-repeats rows (one per selected expert), sorts them by expert, gathers per-expert weights,
-runs grouped matmuls over contiguous expert groups, and un-sorts. None of that mixes
-tokens, but it moves rows around. This module follows the rows: every tensor in a
-candidate region gets a :class:`Layout`, and an op is accepted only if a rule says where
-each output row comes from. Tiling is exact when every region output is back in natural
-token order (``Tok(m=1)``).
+The plain case, an op on rows in one layout that acts on each row alone, is the dense
+rule of :mod:`tilepass.rowwise`; :class:`tilepass.engine.Judge` asks it first. An MoE
+block also repeats rows (one per selected expert), sorts them by expert, gathers
+per-expert weights, runs grouped matmuls over contiguous expert groups, and un-sorts.
+None of that mixes tokens, but it moves rows around. These rules follow the rows: every
+tensor in a candidate region gets a :class:`Layout`, and an op is accepted only if a rule
+says where each output row comes from. Tiling is exact when every region output is back
+in natural token order (``Tok(m=1)``).
 
 The layouts are in :mod:`tilepass.layouts`.
 
