@@ -20,7 +20,7 @@ regions start and what it calls them; the engine grows them, in one of two ways:
   (a LoRA branch on the down projection, up to its add).
 * :func:`sweep` follows everything computed from ``x`` and weights alone, in graph order,
   up to the first op the judge cannot follow (an MoE block, whose router, dispatch and
-  experts are not one chain); :func:`needed` then cuts it to what an output needs.
+  experts are not one chain); :func:`cut` then keeps what an output needs.
 
 Either way :func:`external_reads` gives the weights, and the rejection says why not.
 Knows nothing of tiling.
@@ -295,6 +295,23 @@ def sweep(graph: fx.Graph, source: fx.Node, analysis: LayoutAnalysis, data: set[
         nodes.append(n)
         inside.add(n)
     return Swept(nodes, inside, stopped)
+
+
+@dataclasses.dataclass
+class Cut:
+    nodes: list[fx.Node]  # graph order, without the source
+    inside: set[fx.Node]  # nodes and the source
+    outputs: list[fx.Node]  # the values read outside, graph order: returned as the graph has them
+    params: list[fx.Node]  # whatever else it reads (its weights), first-use order
+
+
+def cut(swept: Swept, source: fx.Node, output: fx.Node) -> Cut:
+    """The swept region cut to what ``output`` needs; the rest runs untiled after it."""
+    keep = needed(output, swept.inside)
+    nodes = [n for n in swept.nodes if n in keep]
+    inside = set(nodes) | {source}
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    return Cut(nodes, inside, outputs, external_reads(nodes, inside))
 
 
 def data_dependent(graph: fx.Graph) -> set[fx.Node]:

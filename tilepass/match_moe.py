@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from . import rowwise
-from .engine import Judge, Rejection, data_dependent, external_reads, needed, sweep
+from .engine import Judge, Rejection, cut, data_dependent, sweep
 from .fx_utils import arg_nodes, common_module, example_value, leading_numel, op_name, tensor_value
 from .layouts import Tok
 
@@ -167,20 +167,17 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
     if not primary:
         reason = first_stop or "no expert output leaves the block in token order"
         return Rejection(seed, reason, module, pattern, region)
-    keep = needed(primary[-1], in_region)
-    region = [n for n in region if n in keep]
-    in_region = set(region) | {source}
-    if seed not in in_region:
+    block = cut(swept, source, primary[-1])
+    region, outputs = block.nodes, block.outputs
+    if seed not in block.inside:
         return None  # a topk after the block (an aux loss reading the router logits)
     module = common_module(region)
-    outputs = [n for n in region if any(u not in in_region for u in n.users)]
     for o in outputs:
         if not _natural(analysis.layouts[o]):
             reason = first_stop or f"`{o.name}` leaves the block with its rows in expert order"
             return Rejection(seed, reason, module, pattern, region)
         if not isinstance(example_value(o), torch.Tensor):
             return Rejection(seed, f"`{o.name}` leaves the block and is not a tensor", module, pattern, region)
-    params = external_reads(region, in_region)
     # Activation width per token (top_k x expert width), for the default tile count; the
     # [rows, out, in] expert weights that batched_mm gathers are not activations.
     sv = tensor_value(source)
@@ -188,7 +185,7 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
               if isinstance(lay, Tok) and isinstance(example_value(n), torch.Tensor)
               and example_value(n).dim() == lay.row_dims + 1]
     return MoeMatch(
-        source=source, nodes=region, outputs=outputs, params=params, layouts=dict(analysis.layouts),
+        source=source, nodes=region, outputs=outputs, params=block.params, layouts=dict(analysis.layouts),
         pattern=pattern, module=module, num_tokens=num_tokens, in_features=int(sv.shape[-1]),
         expanded_width=max(widths) if widths else int(sv.shape[-1]),
     )
