@@ -1,4 +1,4 @@
-"""Find dense MLPs in a Dynamo graph, from the graph alone.
+"""The dense MLP description for the engine: dense MLPs in a Dynamo graph, from the graph alone.
 
 An MLP here is a *down* projection whose token input is computed, through row-wise ops
 only, from one or more *up* projections that all read the same tensor ``x``::
@@ -10,9 +10,13 @@ only, from one or more *up* projections that all read the same tensor ``x``::
 This covers SwiGLU/GeGLU (gate, up), fused gate_up + chunk (Phi-3), and plain two-layer
 MLPs (GELU exact/tanh/spelled out, ReLU, SiLU), with or without biases, whether the
 projections are ``linear`` or ``view/addmm/view`` (GPT-2's Conv1D). Instead of a list of
-model shapes there is one rule: every op between the projections must act row-wise on
-tokens (:mod:`tilepass.rowwise`), and nothing outside may read an intermediate. A
-candidate that breaks the rule is returned as a :class:`Rejection` with the reason.
+model shapes there is the engine's one rule: every op between the projections must act
+row-wise on tokens (:mod:`tilepass.rowwise`, the judge's plain case), and the region is
+closed to one input, nothing outside reading an intermediate
+(:func:`tilepass.engine.close_region`). What this kind adds: where a candidate starts (a
+down projection, walked back to its up projections), its pattern name, and that its one
+output has the input's token dims. A candidate that breaks the rule is returned as a
+:class:`~tilepass.engine.Rejection` with the reason.
 
 This module knows nothing of tiling; it only says what is there.
 """
@@ -25,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from . import rowwise
-from .closure import Closed, close_region, same_value, strip_token_views
+from .engine import Closed, Rejection, close_region, same_value, strip_token_views
 from .fx_utils import arg_nodes, common_module, example_value, leading_numel, op_name, tensor_value
 
 # A walk from a projection back through more nodes than this is not an MLP (it is the
@@ -52,15 +56,6 @@ class MlpMatch:
     @property
     def inner(self) -> list[fx.Node]:
         return [n for n in self.nodes if n not in self.ups and n is not self.output]
-
-
-@dataclasses.dataclass
-class Rejection:
-    anchor: fx.Node
-    reason: str
-    module: str
-    pattern: str
-    nodes: list[fx.Node]
 
 
 def _walk_back(down: fx.Node, num_tokens: Any) -> tuple[list[fx.Node], list[fx.Node]] | None:

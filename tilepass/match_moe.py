@@ -1,13 +1,16 @@
-"""Find MoE blocks (router + experts, optional shared expert) in a Dynamo graph.
+"""The MoE description for the engine: MoE blocks (router + experts, optional shared
+expert) in a Dynamo graph.
 
-A block starts at a routing op (``topk``) whose scores come, through row-wise ops, from a
-projection of some tensor ``x``. The candidate region is everything computed from ``x``
-and weights alone (no other token data), in graph order. :mod:`tilepass.token_layout`
-then follows the rows through dispatch (repeat/sort/gather), the experts (grouped matmul
-or batched matmul over gathered weights) and the combine (un-sort, sum over top-k). The
-first op it cannot follow ends the region there; the ops after it run untiled, as before.
-The block is tiled when it holds an expert computation and every value leaving it is
-back in natural token order, e.g. ``(hidden [B, S, H], router_logits [B*S, E])``.
+Where a block starts: a routing op (``topk``) whose scores come, through row-wise ops,
+from a projection of some tensor ``x`` (the router's source). The engine sweeps forward
+from ``x`` (:func:`tilepass.engine.sweep`): everything computed from ``x`` and weights
+alone, judged op by op, rows followed through dispatch (repeat/sort/gather), the experts
+(grouped matmul or batched matmul over gathered weights) and the combine (un-sort, sum
+over top-k). The first op the judge cannot follow ends the region there; the ops after it
+run untiled, as before. What this kind adds: the block is tiled when it holds an expert
+computation and every value leaving it is back in natural token order, e.g.
+``(hidden [B, S, H], router_logits [B*S, E])``; and its pattern name
+(``moe_{grouped_mm|batched_mm}_top{k}[_shared]``).
 
 Knows nothing of tiling; returns matches and rejections with reasons.
 """
@@ -20,8 +23,9 @@ import torch
 import torch.fx as fx
 
 from . import rowwise
-from .fx_utils import arg_nodes, common_module, example_value, leading_numel, mutates, op_name, tensor_value
-from .token_layout import LayoutAnalysis, NotTokenwise, Tok
+from .engine import Judge, Rejection, cut, data_dependent, sweep
+from .fx_utils import arg_nodes, common_module, example_value, leading_numel, op_name, tensor_value
+from .layouts import Tok
 
 
 @dataclasses.dataclass
@@ -36,15 +40,6 @@ class MoeMatch:
     num_tokens: int
     in_features: int
     expanded_width: int  # widest per-token row group inside (top_k x expert width)
-
-
-@dataclasses.dataclass
-class MoeRejection:
-    anchor: fx.Node
-    reason: str
-    module: str
-    pattern: str
-    nodes: list[fx.Node]
 
 
 _ROUTING_OPS = {torch.topk}
@@ -97,26 +92,9 @@ def _is_cast(node: fx.Node) -> bool:
     return all(isinstance(a, torch.dtype) for a in node.args[1:])
 
 
-def _is_param_placeholder(node: fx.Node) -> bool:
-    v = example_value(node)
-    return isinstance(v, torch.nn.Parameter) or "_parameters_" in node.name or "_buffers_" in node.name
-
-
-def _data_dependent(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes computed from inputs that are not parameters or buffers."""
-    data: set[fx.Node] = set()
-    for n in graph.nodes:
-        if n.op == "placeholder":
-            if not _is_param_placeholder(n):
-                data.add(n)
-        elif any(a in data for a in arg_nodes(n)):
-            data.add(n)
-    return data
-
-
-def find_moes(graph: fx.Graph) -> tuple[list[MoeMatch], list[MoeRejection]]:
+def find_moes(graph: fx.Graph) -> tuple[list[MoeMatch], list[Rejection]]:
     matches: list[MoeMatch] = []
-    rejections: list[MoeRejection] = []
+    rejections: list[Rejection] = []
     claimed: set[fx.Node] = set()
     sources_done: set[fx.Node] = set()
     data = None
@@ -130,21 +108,21 @@ def find_moes(graph: fx.Graph) -> tuple[list[MoeMatch], list[MoeRejection]]:
         num_tokens = sv.shape[: sv.dim() - 1].numel() if all(isinstance(s, int) for s in sv.shape) else None
         module = common_module([seed])
         if num_tokens is None:
-            rejections.append(MoeRejection(seed, "symbolic token count: MoE blocks are tiled with static shapes only", module, "moe", [seed]))
+            rejections.append(Rejection(seed, "symbolic token count: MoE blocks are tiled with static shapes only", module, "moe", [seed]))
             continue
         if data is None:
-            data = _data_dependent(graph)
+            data = data_dependent(graph)
         if source in sources_done:
             continue  # another topk on the same router (e.g. the aux loss): one block per input
         result = _analyse(graph, seed, source, num_tokens, data)
         if result is None:
             continue
         sources_done.add(source)
-        if isinstance(result, MoeRejection):
+        if isinstance(result, Rejection):
             rejections.append(result)
             continue
         if claimed & set(result.nodes):
-            rejections.append(MoeRejection(seed, "overlaps another MoE region", result.module, result.pattern, result.nodes))
+            rejections.append(Rejection(seed, "overlaps another MoE region", result.module, result.pattern, result.nodes))
             continue
         claimed |= set(result.nodes)
         matches.append(result)
@@ -152,43 +130,12 @@ def find_moes(graph: fx.Graph) -> tuple[list[MoeMatch], list[MoeRejection]]:
 
 
 def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, data: set[fx.Node]):
-    analysis = LayoutAnalysis(num_tokens)
-    sv = tensor_value(source)
-    analysis.layouts[source] = Tok(1, None, sv.dim() - 1)
-    region: list[fx.Node] = []
-    in_region = {source}
-    stopped: dict[fx.Node, str] = {}
+    analysis = Judge(num_tokens)
+    swept = sweep(graph, source, analysis, data)
+    region, in_region = swept.nodes, swept.inside
     expert_derived: set[fx.Node] = set()
-    started = False
-    for n in graph.nodes:
-        if n is source:
-            started = True
-            continue
-        if not started or n.op not in ("call_function", "call_method"):
-            continue
-        args = list(arg_nodes(n))
-        if not any(a in in_region or a in stopped for a in args):
-            if analysis.is_row_count_creation(n):
-                # arange(T*k) for an inverse permutation: its size is the token count, so
-                # it belongs to the tile (and is re-sized there).
-                analysis.layouts[n] = analysis.infer(n)
-                region.append(n)
-                in_region.add(n)
-            continue
-        foreign = [a for a in args if a in data and a not in in_region]
-        if foreign or any(a in stopped for a in args):
-            if any(a in in_region for a in args) and not foreign:
-                stopped[n] = next(stopped[a] for a in args if a in stopped)
-            continue  # reads other token data: outside the block
-        experts_before = analysis.experts
-        try:
-            analysis.layouts[n] = analysis.infer(n)
-        except NotTokenwise as e:
-            stopped[n] = str(e)
-            continue
-        region.append(n)
-        in_region.add(n)
-        if analysis.experts > experts_before or any(a in expert_derived for a in args):
+    for n in region:
+        if n in analysis.experts or any(a in expert_derived for a in arg_nodes(n)):
             expert_derived.add(n)
 
     module = common_module(region or [seed]) or common_module([seed])
@@ -202,16 +149,16 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
                  and example_value(rowwise.matmul_operands(n)[1]).dim() == 2
                  and _feeds(n, seed) is False)
     pattern = f"moe_{dispatch}_top{k}" + ("_shared" if shared else "")
-    first_stop = next(iter(stopped.values()), None)
+    first_stop = next(iter(swept.stopped.values()), None)
     if seed not in in_region:
-        return MoeRejection(seed, first_stop or "the router is not row-wise", module, pattern, region)
-    if analysis.experts == 0:
+        return Rejection(seed, first_stop or "the router is not row-wise", module, pattern, region)
+    if not analysis.experts:
         reason = ("the routed experts are not in this graph: a graph break separates them from the router "
                   "(experts_implementation='eager' breaks it around each expert; so can per-layer compile or "
                   "FSDP2 where the router logits are captured for an aux loss; use 'grouped_mm' or 'batched_mm')"
                   if first_stop is None else
                   f"the routed experts are not in this graph; the routing is followed up to: {first_stop}")
-        return MoeRejection(seed, reason, module, pattern, region)
+        return Rejection(seed, reason, module, pattern, region)
     # The block's output: the last value computed from the experts that is back in token
     # order and read outside. The region is what it needs; the rest (e.g. an aux loss
     # reading the router logits) runs untiled after it, as before.
@@ -219,32 +166,26 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
                and any(u not in in_region for u in n.users)]
     if not primary:
         reason = first_stop or "no expert output leaves the block in token order"
-        return MoeRejection(seed, reason, module, pattern, region)
-    needed = _ancestors_within(primary[-1], in_region)
-    region = [n for n in region if n in needed]
-    in_region = set(region) | {source}
-    if seed not in in_region:
+        return Rejection(seed, reason, module, pattern, region)
+    block = cut(swept, source, primary[-1])
+    region, outputs = block.nodes, block.outputs
+    if seed not in block.inside:
         return None  # a topk after the block (an aux loss reading the router logits)
     module = common_module(region)
-    outputs = [n for n in region if any(u not in in_region for u in n.users)]
     for o in outputs:
         if not _natural(analysis.layouts[o]):
             reason = first_stop or f"`{o.name}` leaves the block with its rows in expert order"
-            return MoeRejection(seed, reason, module, pattern, region)
+            return Rejection(seed, reason, module, pattern, region)
         if not isinstance(example_value(o), torch.Tensor):
-            return MoeRejection(seed, f"`{o.name}` leaves the block and is not a tensor", module, pattern, region)
-    params: list[fx.Node] = []
-    for n in region:
-        for a in arg_nodes(n):
-            if a not in in_region and a not in params:
-                params.append(a)
+            return Rejection(seed, f"`{o.name}` leaves the block and is not a tensor", module, pattern, region)
     # Activation width per token (top_k x expert width), for the default tile count; the
     # [rows, out, in] expert weights that batched_mm gathers are not activations.
+    sv = tensor_value(source)
     widths = [lay.m * _features(example_value(n), lay.row_dims) for n, lay in analysis.layouts.items()
               if isinstance(lay, Tok) and isinstance(example_value(n), torch.Tensor)
               and example_value(n).dim() == lay.row_dims + 1]
     return MoeMatch(
-        source=source, nodes=region, outputs=outputs, params=params, layouts=dict(analysis.layouts),
+        source=source, nodes=region, outputs=outputs, params=block.params, layouts=dict(analysis.layouts),
         pattern=pattern, module=module, num_tokens=num_tokens, in_features=int(sv.shape[-1]),
         expanded_width=max(widths) if widths else int(sv.shape[-1]),
     )
@@ -252,32 +193,6 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
 
 def _natural(layout: Any) -> bool:
     return isinstance(layout, Tok) and layout.m == 1 and layout.perm is None
-
-
-def _mutates(node: fx.Node) -> fx.Node | None:
-    """The tensor an in-place op writes (``out.add_(b)``, ``inv[perm] = ...``), else None."""
-    if mutates(node) and node.args and isinstance(node.args[0], fx.Node):
-        return node.args[0]
-    return None
-
-
-def _ancestors_within(node: fx.Node, region: set[fx.Node]) -> set[fx.Node]:
-    """What ``node`` needs inside ``region``: its inputs, recursively, and every in-place
-    op that wrote one of them (its result may be unused, its effect is not)."""
-    writers: dict[fx.Node, list[fx.Node]] = {}
-    for n in region:
-        target = _mutates(n)
-        if target is not None:
-            writers.setdefault(target, []).append(n)
-    out, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in out or n not in region:
-            continue
-        out.add(n)
-        stack.extend(arg_nodes(n))
-        stack.extend(writers.get(n, ()))
-    return out
 
 
 def _features(v: torch.Tensor, row_dims: int) -> int:

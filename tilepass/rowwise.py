@@ -1,4 +1,5 @@
-"""The row-wise rule: which ops act on each token independently.
+"""The dense rule, the plain case of the engine's judge (:class:`tilepass.engine.Judge`):
+which ops act on each token independently.
 
 A region can be tiled along tokens exactly when every op in it computes output row ``i``
 from input row ``i`` alone. Tensors inside a region are *token tensors*

@@ -1,12 +1,14 @@
-"""Token layouts: which rows of a tensor belong to which token, through MoE dispatch.
+"""The layout rules of the engine's judge: which rows of a tensor belong to which token,
+through an MoE block's dispatch.
 
-The row-wise rule of :mod:`tilepass.rowwise` is enough for dense MLPs. An MoE block also
-repeats rows (one per selected expert), sorts them by expert, gathers per-expert weights,
-runs grouped matmuls over contiguous expert groups, and un-sorts. None of that mixes
-tokens, but it moves rows around. This module follows the rows: every tensor in a
-candidate region gets a :class:`Layout`, and an op is accepted only if a rule says where
-each output row comes from. Tiling is exact when every region output is back in natural
-token order (``Tok(m=1)``).
+The plain case, an op on rows in one layout that acts on each row alone, is the dense
+rule of :mod:`tilepass.rowwise`; :class:`tilepass.engine.Judge` asks it first. An MoE
+block also repeats rows (one per selected expert), sorts them by expert, gathers
+per-expert weights, runs grouped matmuls over contiguous expert groups, and un-sorts.
+None of that mixes tokens, but it moves rows around. These rules follow the rows: every
+tensor in a candidate region gets a :class:`Layout`, and an op is accepted only if a rule
+says where each output row comes from. Tiling is exact when every region output is back
+in natural token order (``Tok(m=1)``).
 
 The layouts are in :mod:`tilepass.layouts`.
 
@@ -70,7 +72,7 @@ class LayoutAnalysis:
         self.T = num_tokens
         self.layouts: dict[fx.Node, Any] = {}
         self.grouped_mm = _grouped_mm_targets()
-        self.experts = 0  # expert computations seen (grouped matmuls, gathered-weight bmm)
+        self.experts: set[fx.Node] = set()  # the expert computations (grouped matmuls, gathered-weight bmm)
 
     # -- helpers -------------------------------------------------------------------------
     def of(self, a: Any) -> Any:
@@ -251,7 +253,7 @@ class LayoutAnalysis:
             experts = example_value(w).shape[0] if isinstance(example_value(w), torch.Tensor) else None
             if lo.bins != (experts, 0, (experts or 0) - 1):
                 raise NotTokenwise(f"a grouped matmul over {experts} experts whose groups were counted with histc{lo.bins}")
-            self.experts += 1
+            self.experts.add(node)
             return lx
         raise NotTokenwise("a grouped matmul whose groups are not the sorted rows of its input")
 
@@ -259,7 +261,7 @@ class LayoutAnalysis:
         a, b = node.args[0], node.args[1]
         la, lb = self.of(a), self.of(b)
         if isinstance(la, Tok) and la == lb and la.row_dims == 1:
-            self.experts += 1  # a per-row product with gathered expert weights
+            self.experts.add(node)  # a per-row product with gathered expert weights
             return la
         raise NotTokenwise(f"op `{op_name(node)}` between tensors of different rows")
 
