@@ -4,7 +4,8 @@
     python tools/plot_bench.py docs/results/max_seq_a.json docs/results/max_seq_b.json docs/max_seq_h200.png
 
 bench.py rows: peak memory and step time per variant against the sequence length (bars,
-when every row has the same length).
+when every row has the same length; with a ``liger`` row, dashed lines at 0.85x its peak
+and 0.9x its step, the causal targets).
 max_seq.py rows (several files may be given, the last argument is the image): per variant,
 the longest length a real step ran at, and the line's extrapolation from the two longest runs.
 memory_peak.py rows: per variant, what is alive at the step's peak, stacked by kind.
@@ -55,6 +56,11 @@ def plot_bars(data: dict, rows: list[dict], dst: str) -> None:
         ax.invert_yaxis()
         ax.set(xlabel=f"{'peak memory' if key == 'peak_gib' else 'fwd+bwd step time'} ({unit})",
                xlim=(0, max(values) * 1.2))
+        liger = next((r[key] for r in rows if r["variant"] == "liger"), None)
+        if liger is not None:  # issue 14's targets: peak <= 0.85x, step <= 0.9x Liger's, in one run
+            share = 0.85 if key == "peak_gib" else 0.9
+            ax.axvline(liger * share, color="#d94801", ls="--", lw=1)
+            ax.text(liger * share, len(rows) - 0.4, f"{share}× Liger ", color="#d94801", ha="right", fontsize=7)
         ax.grid(axis="x", alpha=0.3)
     layers, seq = rows[0]["layers"], rows[0]["seq"]
     shape = {"moe": "Qwen3-30B-A3B-shaped MoE", "causal": "Llama-3.2-1B-shaped causal LM (vocab 128,256)"}.get(
