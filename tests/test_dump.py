@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -141,11 +142,13 @@ def test_cli_checkpointed_layers_and_save_attention(tmp_path, monkeypatch, capsy
     reports = [json.loads((g / "report.json").read_text()) for g in _graph_dirs(tmp_path / "d")]
     for report in reports:
         jsonschema.validate(report, REPORT_SCHEMA)
-    assert sorted(r["module"] for rep in reports for r in rep["regions"] if r["kind"] == "checkpoint") == [
+    # "model.layers.N" with transformers 5.25 (as named_modules() names them), "layers.N" before
+    assert sorted(r["module"].removeprefix("model.") for rep in reports for r in rep["regions"] if r["kind"] == "checkpoint") == [
         "layers.0", "layers.1"]
     pages = "".join((g / "graph.html").read_text() for g in _graph_dirs(tmp_path / "d"))
     assert pages.count("the outputs of SDPA's fused kernels are kept for the backward") == 2
-    assert "2 regions tiled, 2 attention sites routed, 2 layers keeping attention's outputs" in pages
+    # 2 MLPs, and the loss where it is in the same graph (transformers 5.25: one graph)
+    assert re.search(r"[23] regions tiled, 2 attention sites routed, 2 layers keeping attention's outputs", pages)
     monkeypatch.chdir(tmp_path)
     code, out, _ = _explain(capsys, "--arch", "llama", "--seq", "12", "--eval")
     assert code == 0 and "rewritten  mlp" in out

@@ -136,3 +136,48 @@ def test_parse_version():
     assert compat.parse_version("2.6") == (2, 6, 0)
     with pytest.raises(ValueError):
         compat.parse_version("nightly")
+
+
+def test_transformers_warning_once_is_ignored_by_dynamo_where_the_set_exists():
+    """compat registers transformers' Logger.warning_once in Dynamo's ignore set: torch
+    2.13's name, the older alias, or neither (then nothing is registered)."""
+    import logging
+    import types
+
+    from tilepass import compat
+
+    import transformers.utils.logging  # noqa: F401
+
+    for name in ("ignore_logging_functions", "ignore_logger_methods"):
+        config = types.SimpleNamespace(**{name: set()})
+        assert compat.ignore_transformers_warning_once(config) is True
+        assert getattr(config, name) == {logging.Logger.warning_once}
+    assert compat.ignore_transformers_warning_once(types.SimpleNamespace()) is False
+    assert logging.Logger.warning_once in torch._dynamo.config.ignore_logging_functions  # done on import
+
+
+def test_checkpoint_side_effect_flag_set_where_torch_has_it():
+    import types
+
+    from tilepass import compat
+
+    config = types.SimpleNamespace(skip_fwd_side_effects_in_bwd_under_checkpoint=False)
+    assert compat.trace_checkpointed_layers_with_side_effects(config) is True
+    assert config.skip_fwd_side_effects_in_bwd_under_checkpoint is True
+    assert compat.trace_checkpointed_layers_with_side_effects(types.SimpleNamespace()) is False
+
+
+def test_checkpointed_transformers_layers_are_captured_in_one_graph():
+    """transformers 5.25 logs a warning inside forward and (through the kernels package) sets
+    a module variable around attention; either would break the graph at every checkpointed
+    layer. After importing tilepass, a checkpointed Llama is one graph with both layers as
+    checkpoint bodies."""
+    from tilepass.tiny_models import tiny_model
+
+    model = tiny_model("llama", attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    graphs = []
+    torch.compile(model, backend=lambda gm, ex: graphs.append(gm) or gm.forward)(input_ids=torch.randint(3, 128, (2, 16)))
+    assert len(graphs) == 1
+    bodies = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "checkpoint" in str(n.target)]
+    assert len(bodies) == 2

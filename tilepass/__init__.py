@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import report as _report
 from . import attention_runtime as _attention_runtime
+from . import compat as _compat
 from . import runtime as _runtime
 from .backend import backend, reset_graph_counter, tilepass_backend
 from .dump import dump
@@ -70,3 +71,8 @@ def _register_without_entry_point() -> None:
 
 
 _register_without_entry_point()
+# Before Dynamo traces a transformers model (transformers 5.25): a once-only warning inside
+# forward, and the kernels package's set/reset around attention inside checkpointed layers,
+# would each break the graph there, so no checkpointed layer would be captured. See compat.
+_compat.ignore_transformers_warning_once()
+_compat.trace_checkpointed_layers_with_side_effects()

@@ -78,3 +78,50 @@ def compiled_tiles_need_fresh_thread(device_type: str) -> bool:
     fix it, so every CUDA torch takes that path. On CPU (torch 2.6 to 2.13) the compile
     works in place, and the tiles run in the caller's thread."""
     return device_type == "cuda"
+
+
+def ignore_transformers_warning_once(config=None) -> bool:
+    """Let Dynamo trace through transformers' ``logger.warning_once`` (as a no-op).
+
+    transformers 5.25 calls it inside a model's forward (``use_cache=True`` with gradient
+    checkpointing in training). Dynamo breaks the graph at a logging call unless the
+    function is in its ignore set, and with those breaks no checkpointed layer is captured
+    whole, so nothing inside it can be tiled. The set is ``ignore_logging_functions``
+    (torch 2.13; ``ignore_logger_methods`` before it, an alias since). Under compile the
+    once-only warning is then not printed; the code it guards runs as before. Returns
+    whether the function was registered (False: no transformers, or no such set)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return False
+    import logging
+
+    import transformers.utils.logging  # noqa: F401  (it defines Logger.warning_once)
+
+    function = getattr(logging.Logger, "warning_once", None)
+    config = torch._dynamo.config if config is None else config
+    ignored = getattr(config, "ignore_logging_functions", None)
+    if ignored is None:
+        ignored = getattr(config, "ignore_logger_methods", None)
+    if function is None or ignored is None:
+        return False
+    ignored.add(function)
+    return True
+
+
+def trace_checkpointed_layers_with_side_effects(config=None) -> bool:
+    """Let Dynamo capture a checkpointed layer whose forward mutates Python state.
+
+    transformers 5.25 requires the ``kernels`` package, whose wrapper around an attention
+    module's forward sets and resets a module-level variable on every call. Inside
+    ``torch.utils.checkpoint`` Dynamo refuses such a side effect ("HOP: Unsafe side
+    effect") and breaks the graph. No checkpointed layer is then captured whole, so nothing
+    inside it is tiled or routed. With ``skip_fwd_side_effects_in_bwd_under_checkpoint``
+    the side effect runs once, in the forward, and is not replayed in the backward's
+    recompute, which for a set-then-reset is the same state. Returns whether it was set
+    (False: a torch without the flag)."""
+    config = torch._dynamo.config if config is None else config
+    if not hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return False
+    config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    return True
