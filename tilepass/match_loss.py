@@ -105,9 +105,8 @@ def _walk_to_head(start: fx.Node, num_tokens: Any) -> tuple[fx.Node, list[fx.Nod
     while len(chain) < _MAX_CHAIN:
         if node.op in ("placeholder", "get_attr"):
             return (f"the logits `{node.name}` are an input of this graph: the LM head runs in another graph "
-                    "(a graph break between it and the loss), so the loss cannot be tiled with it. In transformers, a "
-                    "model whose class name does not say ForCausalLM (GPT2LMHeadModel) breaks at a logging call in "
-                    "`loss_function`: set `model.loss_type = \"ForCausalLM\"`")
+                    "(a graph break between it and the loss), so the loss cannot be tiled with it; "
+                    "TORCH_LOGS=graph_breaks shows where the graph breaks")
         if rowwise.projection_input(node, num_tokens) is not None:
             return node, chain
         verdict = rowwise.classify(node, num_tokens)
