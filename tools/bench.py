@@ -169,8 +169,9 @@ def make_step(model, variant, args):
 
             from liger_kernel.transformers.model.llama import lce_forward
 
-            model.forward = types.MethodType(lce_forward, model)
-            _UNDO.append(lambda: model.__dict__.pop("forward", None))
+            lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT: its LlamaForCausalLM
+            lm.forward = types.MethodType(lce_forward, lm)
+            _UNDO.append(lambda: lm.__dict__.pop("forward", None))
     elif name in TILEPASS_VARIANTS:
         opts = dict(TILEPASS_VARIANTS[name])
         if tile_tokens:
