@@ -183,21 +183,18 @@ def test_lora_on_a_moe_shared_expert_and_its_gate():
     assert not rejected("moe") and not rewritten() and not rejected()
 
 
-def test_dora_mlps_tiled_exactly_once_peft_stops_breaking_the_graph(monkeypatch):
+def test_dora_mlps_tiled_exactly_in_one_graph():
     """DoRA (use_dora=True) is row-wise: its magnitude scale is computed from weights alone
     ([1, F] per output feature), so the engine takes it in like any LoRA branch, with no
-    special case. As shipped, PEFT breaks the Dynamo graph inside every DoRA layer: its
-    ``dequantize_module_weight`` asks ``type(module.weight).__module__.startswith("torchao.")``,
-    which Dynamo cannot trace (``str.startswith`` on a type's module name), so each MLP is
-    split over several graphs and none is whole in any of them (not tiled, no record).
-    With that check replaced as it is for a plain weight, the graph is one and every MLP is
-    tiled, exact in float64 (the magnitude vectors' gradients included)."""
-    import peft.tuners.lora.dora as dora
-
-    monkeypatch.setattr(dora, "dequantize_module_weight", lambda module: module.weight)
+    special case. As shipped, PEFT's ``dequantize_module_weight`` breaks the Dynamo graph
+    inside every DoRA layer (``str.startswith`` on a type's module name); tilepass gives
+    Dynamo a traceable version for plain weights (compat.trace_peft_plain_weights, hooked
+    on PEFT's import, which here comes after tilepass's), so the graph is one and every MLP
+    is tiled, exact in float64 (the magnitude vectors' gradients included)."""
     model = tiny_model("llama").double()
     torch.manual_seed(5)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=MLP_ONLY, use_dora=True, init_lora_weights=False)
     model = peft.get_peft_model(model, config).double()
     _, _, grads = _check_tiled(model, num_tiles=3)
     assert sum("lora_magnitude_vector" in n for n in grads) == 6
+    assert len({r.graph for r in tilepass.report()}) == 1

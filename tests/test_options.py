@@ -167,6 +167,60 @@ def test_checkpoint_side_effect_flag_set_where_torch_has_it():
     assert compat.trace_checkpointed_layers_with_side_effects(types.SimpleNamespace()) is False
 
 
+def test_peft_dequantize_gets_a_traceable_version_for_plain_weights(monkeypatch):
+    """compat gives Dynamo a version of PEFT's dequantize_module_weight that returns a plain
+    Parameter as the original does and hands anything else (an HQQ module, a subclass
+    weight) to a copy of the original; with no substitute_in_graph or no such function,
+    nothing is registered."""
+    import types
+
+    from tilepass import compat
+
+    def dequantize_module_weight(module):
+        return ("original", module)
+
+    registered = {}
+
+    def substitute(original):
+        return lambda traceable: registered.setdefault(original, traceable)
+
+    fake = types.SimpleNamespace(dequantize_module_weight=dequantize_module_weight)
+    assert compat.trace_peft_plain_weights(fake, substitute) is True
+    traceable = registered[dequantize_module_weight]
+    plain = torch.nn.Linear(2, 2)
+    assert traceable(plain) is plain.weight
+    hqq = torch.nn.Linear(2, 2)
+    hqq.W_q = None
+    assert traceable(hqq) == ("original", hqq)
+    buffer_weight = types.SimpleNamespace(weight=torch.ones(2))
+    assert traceable(buffer_weight) == ("original", buffer_weight)
+    assert compat.trace_peft_plain_weights(fake, substitute) is True  # once: no second registration
+    assert len(registered) == 1
+    assert compat.trace_peft_plain_weights(types.SimpleNamespace(), substitute) is False
+    compat._PEFT_SUBSTITUTED.remove(dequantize_module_weight)
+    monkeypatch.delattr(torch.compiler, "substitute_in_graph")  # a torch without it
+    assert compat.trace_peft_plain_weights(fake) is False
+
+
+def test_when_imported_runs_now_or_right_after_the_import(tmp_path, monkeypatch):
+    import sys
+
+    from tilepass import compat
+
+    seen = []
+    compat.when_imported("tilepass.compat", lambda m: seen.append(m.__name__))
+    assert seen == ["tilepass.compat"]
+    (tmp_path / "late_module_for_tilepass.py").write_text("VALUE = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    compat.when_imported("late_module_for_tilepass", lambda m: seen.append(m.VALUE))
+    assert seen == ["tilepass.compat"]
+    import late_module_for_tilepass  # noqa: F401
+
+    assert seen == ["tilepass.compat", 3]
+    assert not any(isinstance(f, compat._AfterImport) for f in sys.meta_path)
+    del sys.modules["late_module_for_tilepass"]
+
+
 def test_checkpointed_transformers_layers_are_captured_in_one_graph():
     """transformers 5.25 logs a warning inside forward and (through the kernels package) sets
     a module variable around attention; either would break the graph at every checkpointed

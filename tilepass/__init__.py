@@ -73,6 +73,8 @@ def _register_without_entry_point() -> None:
 _register_without_entry_point()
 # Before Dynamo traces a transformers model (transformers 5.25): a once-only warning inside
 # forward, and the kernels package's set/reset around attention inside checkpointed layers,
-# would each break the graph there, so no checkpointed layer would be captured. See compat.
+# would each break the graph there, so no checkpointed layer would be captured; PEFT's DoRA
+# breaks it in every adapted layer. See compat.
 _compat.ignore_transformers_warning_once()
 _compat.trace_checkpointed_layers_with_side_effects()
+_compat.when_imported(_compat._PEFT_INTEGRATIONS, _compat.trace_peft_plain_weights)

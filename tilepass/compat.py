@@ -8,7 +8,11 @@ monkeypatching :data:`TORCH_VERSION`.
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
+import logging
 import re
+import sys
 from typing import Iterator
 
 import torch
@@ -90,13 +94,9 @@ def ignore_transformers_warning_once(config=None) -> bool:
     (torch 2.13; ``ignore_logger_methods`` before it, an alias since). Under compile the
     once-only warning is then not printed; the code it guards runs as before. Returns
     whether the function was registered (False: no transformers, or no such set)."""
-    import importlib.util
-
     if importlib.util.find_spec("transformers") is None:
         return False
-    import logging
-
-    import transformers.utils.logging  # noqa: F401  (it defines Logger.warning_once)
+    importlib.import_module("transformers.utils.logging")  # it defines Logger.warning_once
 
     function = getattr(logging.Logger, "warning_once", None)
     config = torch._dynamo.config if config is None else config
@@ -125,3 +125,83 @@ def trace_checkpointed_layers_with_side_effects(config=None) -> bool:
         return False
     config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     return True
+
+
+_PEFT_SUBSTITUTED: list = []  # the PEFT function given a traceable version (once per process)
+
+
+def trace_peft_plain_weights(integrations=None, substitute=None) -> bool:
+    """Let Dynamo trace PEFT's ``dequantize_module_weight`` for a weight that is not quantized.
+
+    DoRA calls it in every forward. For an HQQ, torchao or bitsandbytes weight it
+    dequantizes; for a plain ``nn.Parameter`` it returns the weight. Its torchao test,
+    ``type(module.weight).__module__.startswith("torchao.")``, is a method Dynamo cannot
+    trace ("Dynamo does not know how to trace method `startswith` of class `str`"), so every
+    DoRA layer breaks the graph, no MLP is whole in any graph, and none is tiled. This gives
+    Dynamo a version to trace in its place (``torch.compiler.substitute_in_graph``): a plain
+    ``nn.Parameter`` on a module that is not HQQ's is returned, as the original returns it;
+    anything else goes to a copy of the original, traced (and broken) as before. Eager calls
+    are unchanged. Returns whether it was registered (False: PEFT not imported yet, a PEFT
+    without the function, or a torch without ``substitute_in_graph``). See
+    :func:`when_imported` for a PEFT imported after tilepass."""
+    import types
+
+    if integrations is None:
+        integrations = sys.modules.get(_PEFT_INTEGRATIONS)
+    if integrations is None:
+        return False
+    original = getattr(integrations, "dequantize_module_weight", None)
+    substitute = substitute or getattr(torch.compiler, "substitute_in_graph", None)
+    if original is None or substitute is None:
+        return False
+    if original in _PEFT_SUBSTITUTED:
+        return True
+    as_before = types.FunctionType(original.__code__, original.__globals__, original.__name__,
+                                   original.__defaults__, original.__closure__)
+
+    def dequantize_module_weight(module):
+        weight = getattr(module, "weight", None)
+        if type(weight) is torch.nn.Parameter and not hasattr(module, "W_q"):
+            return weight
+        return as_before(module)
+
+    substitute(original)(dequantize_module_weight)
+    _PEFT_SUBSTITUTED.append(original)
+    return True
+
+
+_PEFT_INTEGRATIONS = "peft.utils.integrations"
+
+
+def when_imported(name: str, hook) -> None:
+    """Call ``hook(module)`` once module ``name`` is imported: now if it already is, else
+    right after its import (importing PEFT on ``import tilepass`` would cost every user a
+    second or more, and PEFT is often imported after tilepass)."""
+    if name in sys.modules:
+        hook(sys.modules[name])
+        return
+    sys.meta_path.insert(0, _AfterImport(name, hook))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, hook) -> None:
+        self.name, self.hook = name, hook
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once; the real finders give the spec
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module, hook = spec.loader.exec_module, self.hook
+
+        def exec_then_hook(module):
+            exec_module(module)
+            try:
+                hook(module)
+            except Exception:  # the module imports as it would without tilepass
+                logging.getLogger(__name__).warning("tilepass: after importing %s", fullname, exc_info=True)
+
+        spec.loader.exec_module = exec_then_hook
+        return spec
