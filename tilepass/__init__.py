@@ -76,5 +76,6 @@ _register_without_entry_point()
 # would each break the graph there, so no checkpointed layer would be captured; PEFT's DoRA
 # breaks it in every adapted layer. See compat.
 _compat.ignore_transformers_warning_once()
+_compat.log_dynamo_config_without_functions()
 _compat.trace_checkpointed_layers_with_side_effects()
 _compat.when_imported(_compat._PEFT_INTEGRATIONS, _compat.trace_peft_plain_weights)

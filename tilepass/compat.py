@@ -109,6 +109,38 @@ def ignore_transformers_warning_once(config=None) -> bool:
     return True
 
 
+def log_dynamo_config_without_functions(utils=None) -> bool:
+    """Keep Dynamo's compile metrics from failing on a function in its config.
+
+    Every compile logs Dynamo's config as JSON. torch 2.13 leaves the function sets out
+    (``ignore_logging_functions`` and its alias); torch 2.11 leaves out only the alias, so
+    with transformers' ``warning_once`` registered (:func:`ignore_transformers_warning_once`)
+    every compile on 2.11 printed a ``TypeError`` traceback ("Object of type
+    _lru_cache_wrapper is not JSON serializable"), about 4,000 lines for a 4-layer model,
+    though nothing failed. This asks the logger itself: where it raises ``TypeError``, the
+    metrics are logged with no config (``None``, a value the field already allows).
+    Returns whether the logger was wrapped."""
+    utils = torch._dynamo.utils if utils is None else utils
+    config_for_logging = getattr(utils, "_get_dynamo_config_for_logging", None)
+    if config_for_logging is None or getattr(config_for_logging, "without_functions", False):
+        return False
+    try:
+        config_for_logging()
+        return False
+    except TypeError:
+        pass
+
+    def config_or_none():
+        try:
+            return config_for_logging()
+        except TypeError:
+            return None
+
+    config_or_none.without_functions = True
+    utils._get_dynamo_config_for_logging = config_or_none
+    return True
+
+
 def trace_checkpointed_layers_with_side_effects(config=None) -> bool:
     """Let Dynamo capture a checkpointed layer whose forward mutates Python state.
 
