@@ -62,7 +62,15 @@ def test_downstream_eager_llama():
     assert len(rewritten()) == 2
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# One family per MLP structure under inductor: SwiGLU (llama; qwen3 and mistral have the
+# same MLP graph), GeGLU with tanh GELU (gemma2), fused gate_up + chunk (phi3), Conv1D with
+# spelled-out GELU (gpt2). What inductor receives from tilepass is the graph around each
+# tiled region's call, whose form follows the MLP's structure, not the family's name; every
+# family is exact under aot_eager above.
+INDUCTOR_ARCHS = ("llama", "gemma2", "phi3", "gpt2")
+
+
+@pytest.mark.parametrize("arch", INDUCTOR_ARCHS)
 def test_every_mlp_tiled_exactly_inductor(arch):
     """tilepass+inductor vs plain inductor, float64. transformers computes RoPE in float32
     (even after .double()), and inductor fuses that float32 part differently around the
