@@ -183,6 +183,61 @@ def test_lora_on_a_moe_shared_expert_and_its_gate():
     assert not rejected("moe") and not rewritten() and not rejected()
 
 
+SHARED_EXPERT = ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj", "shared_expert_gate"]
+
+
+def _peft_moe(dropout):
+    from tilepass.tiny_models import tiny_model as build
+
+    model = build("qwen2_moe", experts_implementation="batched_mm").double()
+    torch.manual_seed(5)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=SHARED_EXPERT, lora_dropout=dropout,
+                             init_lora_weights=False)
+    return peft.get_peft_model(model, config).double()
+
+
+def test_lora_dropout_in_a_moe_block_one_tile_draws_exactly_the_eager_masks():
+    """lora_dropout=0.1 on the shared expert and its gate: the dropout is part of the MoE
+    block's region, and with one tile its masks are eager PEFT's (same generator state, the
+    ops in the graph's order), so loss and every gradient are eager's."""
+    model = _peft_moe(dropout=0.1)
+    inputs, weights = _inputs()
+    torch.manual_seed(123)
+    want = train_step(model, inputs, weights)
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=1, loss=False))
+    torch.manual_seed(123)
+    got = train_step(model, inputs, weights, call=compiled)
+    assert_close_results(got, want, rtol=1e-10, atol=1e-10)
+    assert [r.tiles for r in rewritten("moe")] == [1, 1] and not rejected("moe")
+
+
+def test_lora_dropout_in_a_moe_block_recompute_replays_the_forward_masks():
+    """With 5 tiles, the identity of test_lora_dropout_recompute_replays_the_forward_masks:
+    with the routed experts' down projections zeroed, the block is
+    y = sigmoid(gate(x)) * (W_d m + s B_d A_d drop(m)), linear in (W_d, B_d) jointly, so
+    <dL/dW_d, W_d> + <dL/dB_d, B_d> = <dL/dy, y> for the masks the forward drew (in the
+    shared expert's gate, up and down adapters and in its sigmoid gate's). A recompute
+    with other masks breaks it. The caller's generator is left where the forward left it."""
+    model = _peft_moe(dropout=0.1)
+    block = model.base_model.model.model.layers[0].mlp
+    with torch.no_grad():
+        block.experts.down_proj.zero_()
+    shared = block.shared_expert.down_proj
+    w_down, b_down = shared.base_layer.weight, shared.lora_B["default"].weight
+    w_down.requires_grad_(True)
+    x = torch.randn(BATCH, SEQ, 64, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(BATCH, SEQ, 64, dtype=torch.float64)
+    compiled = torch.compile(block, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=5))
+    torch.manual_seed(7)
+    y = compiled(x)
+    after_forward = torch.get_rng_state()
+    dw, db = torch.autograd.grad(y, [w_down, b_down], g)
+    assert torch.equal(torch.get_rng_state(), after_forward)
+    torch.testing.assert_close((dw * w_down).sum() + (db * b_down).sum(), (y * g).sum(), rtol=1e-12, atol=1e-12)
+    [r] = rewritten("moe")
+    assert r.tiles == 5 and not rejected("moe")
+
+
 def test_dora_mlps_tiled_exactly_in_one_graph():
     """DoRA (use_dora=True) is row-wise: its magnitude scale is computed from weights alone
     ([1, F] per output feature), so the engine takes it in like any LoRA branch, with no

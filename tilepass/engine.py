@@ -233,7 +233,7 @@ class Judge(LayoutAnalysis):
                 _rows_first(example_value(a), n) for a, la in ins.items() if la == lay):
             return None
         verdict = rowwise.classify(node, n)
-        if not verdict.ok or verdict.kind == "random":  # dropout in training: the layout rules say why not
+        if not verdict.ok:
             return None
         if verdict.kind == "matmul":  # its one token operand in these rows, every other operand a weight
             others = [a for i, a in enumerate(node.args) if i != verdict.token_arg] + list(node.kwargs.values())

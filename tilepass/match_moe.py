@@ -40,6 +40,7 @@ class MoeMatch:
     num_tokens: int
     in_features: int
     expanded_width: int  # widest per-token row group inside (top_k x expert width)
+    uses_rng: bool = False  # dropout in training inside (a LoRA adapter's): its RNG is replayed in the recompute
 
 
 _ROUTING_OPS = {torch.topk}
@@ -188,6 +189,7 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
         source=source, nodes=region, outputs=outputs, params=block.params, layouts=dict(analysis.layouts),
         pattern=pattern, module=module, num_tokens=num_tokens, in_features=int(sv.shape[-1]),
         expanded_width=max(widths) if widths else int(sv.shape[-1]),
+        uses_rng=any(rowwise.draws_random(n) for n in region),
     )
 
 

@@ -76,7 +76,7 @@ def tile_moes(gm: fx.GraphModule, ctx: PassContext) -> int:
         specs = [runtime.OutputSpec(tuple(int(s) for s in tensor_value(o).shape[m.layouts[o].row_dims:]),
                                     tensor_value(o).dtype) for o in m.outputs]
         _tile_region(gm, ctx, "moe", m, program, specs, autocast.get(m.nodes[0]), m.num_tokens,
-                     m.expanded_width, m.outputs, m.nodes)
+                     m.expanded_width, m.outputs, m.nodes, uses_rng=m.uses_rng)
     return cleanup(gm, len(matches))
 
 

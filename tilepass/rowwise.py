@@ -173,6 +173,16 @@ def _tensor_operands(node: fx.Node) -> list[tuple[Any, Any]]:
     return out
 
 
+def draws_random(node: fx.Node) -> bool:
+    """Does ``node`` draw random numbers when it runs (dropout in training)?"""
+    if not ((node.op == "call_function" and node.target in DROPOUT_FUNCTIONS)
+            or (node.op == "call_method" and op_name(node) == "dropout")):
+        return False
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return bool(training) and p != 0
+
+
 def classify(node: fx.Node, num_tokens: Any) -> Verdict:
     """Is ``node`` row-wise on token tensors of ``num_tokens`` rows? (see module doc)"""
     name = op_name(node)

@@ -327,11 +327,9 @@ class LayoutAnalysis:
             self._check_broadcast(node, first)
             return first
         if node.op == "call_function" and node.target in rowwise.DROPOUT_FUNCTIONS:
-            p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-            if training and p != 0:
-                raise NotTokenwise(f"dropout with p={p} in training: a recompute would draw a different mask")
-            return first
+            if node.kwargs.get("inplace", node.args[3] if len(node.args) > 3 else False):
+                raise NotTokenwise("in-place dropout")
+            return first  # in training its masks are replayed: the region's generator state is kept
         raise NotTokenwise(f"op `{name}` is not known to keep tokens apart")
 
     def _check_broadcast(self, node: fx.Node, tok: Tok) -> None:
