@@ -151,15 +151,18 @@ def save_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     its math path keeps recomputing, which the record cannot see."""
     if ctx.root is None or gm is ctx.root:
         return 0
-    bodies = BodyInputs(ctx.root)
-    calls = bodies.calls.get(gm.graph) or []
+    if "checkpoint_calls" not in ctx.memo:  # once per pass, not once per layer body
+        bodies = BodyInputs(ctx.root)
+        ctx.memo["checkpoint_calls"] = bodies.calls, _checkpointed_attention_calls(ctx.root, bodies)
+    calls_by_body, order = ctx.memo["checkpoint_calls"]
+    calls = calls_by_body.get(gm.graph) or []
     if not calls or any(op_name(c) != "tag_activation_checkpoint" for c in calls):
         return 0  # not (only) a checkpointed layer's body
     sites = _attention_sites(gm.graph)
     if not sites:
         return 0
     module = common_module(sites).rsplit(".", 1)[0]  # "layers.0.self_attn" -> the layer, "layers.0"
-    reason = _why_recomputed(gm, calls, sites, ctx, bodies)
+    reason = _why_recomputed(gm, calls, sites, ctx, order)
     names = [n.meta.get(REPLACES, n.name) for n in sites]  # as Dynamo's graph (and the dump's page) names them
     if reason:
         ctx.records.append(Record("rejected", "checkpoint", module, "save_attention", ctx.graph_index,
@@ -171,10 +174,11 @@ def save_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
 
 
 def _why_recomputed(body: fx.GraphModule, calls: list[fx.Node], sites: list[fx.Node], ctx: PassContext,
-                    bodies: BodyInputs) -> str | None:
+                    order: list[fx.Node]) -> str | None:
+    """Why this layer's attention is recomputed, or None; ``order``: the checkpointed layers
+    with attention, in the order the graph runs them."""
     last = ctx.options.save_attention
     if last is not True:
-        order = _checkpointed_attention_calls(ctx.root, bodies)
         if not set(calls) <= set(order[-last:]):
             return (f"save_attention={last} keeps attention's outputs in the last {last} of this graph's "
                     f"{len(order)} checkpointed layers with attention (their backward runs first); "

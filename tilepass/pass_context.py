@@ -22,6 +22,9 @@ class PassContext:
     on_stage: Callable[[str, fx.GraphModule], None] | None = None  # called with the graph after each pass
     inductor_patches: dict = dataclasses.field(default_factory=dict)  # config the downstream compile needs
     root: fx.GraphModule | None = None  # the graph Dynamo captured (passes also see its nested bodies)
+    # What one pass works out once for all the graphs it visits (e.g. the order of the
+    # checkpointed layers); cleared before each pass, since passes rewrite the graphs.
+    memo: dict = dataclasses.field(default_factory=dict)
 
 
 Pass = Callable[[fx.GraphModule, PassContext], int]

@@ -193,6 +193,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext) -> int:
             logger.debug("tilepass: pass %s disabled by option %r", name, switch)
             continue
         t0 = time.perf_counter()
+        ctx.memo.clear()
         count = sum(fn(sub, ctx) for sub in graph_modules(gm))
         ctx.timings[name] = time.perf_counter() - t0
         logger.debug("tilepass: pass %s made %d rewrites in %.3fs", name, count, ctx.timings[name])
