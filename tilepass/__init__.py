@@ -14,11 +14,11 @@ from .backend import backend, reset_graph_counter, tilepass_backend
 from .dump import dump
 from .options import Options, OptionsError, default_mlp_tiles, default_num_tiles
 from .report import Record
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "Options", "OptionsError", "Record", "backend", "compile", "default_mlp_tiles", "default_num_tiles", "dump",
-    "report", "reset", "tilepass_backend",
+    "report", "reset", "tilepass_backend", "__version__",
 ]
 
 

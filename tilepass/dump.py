@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 
 from .fx_utils import example_value, module_stack
+from .version import __version__
 
 ENV_VAR = "TILEPASS_DUMP_DIR"
 _STACK: list[pathlib.Path] = []
@@ -171,8 +172,6 @@ def _program_header(key: str) -> str:
 
 def build_report(records: list, options: Any, compile_id: str, graph_index: int) -> dict:
     """The JSON report of one graph (no timings or timestamps: two dumps of one model diff clean)."""
-    import tilepass
-
     opts = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options or {})
     regions, rejected = [], []
     for r in records:
@@ -183,7 +182,7 @@ def build_report(records: list, options: Any, compile_id: str, graph_index: int)
         else:
             rejected.append({k: getattr(r, k) for k in ("kind", "pattern", "module", "nodes", "reason")})
     return {
-        "tilepass": tilepass.__version__, "torch": torch.__version__, "compile_id": compile_id,
+        "tilepass": __version__, "torch": torch.__version__, "compile_id": compile_id,
         "graph": graph_index, "options": opts,
         "regions": regions, "rejected": rejected,
     }
