@@ -12,12 +12,16 @@ def _bench(tmp_path, monkeypatch, *args):
     """tools/bench.py's main with these arguments, as its command line runs it, in this
     process: a new interpreter would spend more on importing and warming up inductor than
     the run itself takes. One decoder layer: the rows count per layer, and the size is not
-    the point."""
+    the point. Downstream aot_eager unless a test asks for inductor."""
     sys.path.insert(0, str(ROOT / "tools"))
     import bench
 
     out = tmp_path / "rows.json"
     argv = ["--tiny", "--device", "cpu", "--steps", "1", "--layers", "1", "--out", str(out), *args]
+    if "--downstream" not in args:
+        # The tool's flow and its rows are the point here, not inductor's code (every
+        # variant's options through inductor: tests/test_hf_models.py, test_save_attention.py)
+        argv += ["--downstream", "aot_eager"]
     monkeypatch.setattr(sys, "argv", [str(ROOT / "tools" / "bench.py"), *argv])
     bench.main(argv)
     return json.loads(out.read_text())
@@ -25,32 +29,40 @@ def _bench(tmp_path, monkeypatch, *args):
 
 # Every variant runs once with layer checkpointing (the benchmark's setting), and the two
 # whose rows differ without it run once without; one test per setting, so xdist runs them
-# side by side.
-@pytest.mark.parametrize("ckpt,variants", [
-    ("on", "eager,tilepass-mlp,tilepass,tilepass+flex,tilepass+save,tilepass+save-nothing"),
-    ("off", "tilepass@16,tilepass+save"),
+# side by side. The variants whose rows depend on attention routing run under inductor
+# (routing follows the downstream compiler); the others under aot_eager.
+@pytest.mark.parametrize("ckpt,variants,downstream", [
+    ("on", "eager,tilepass-mlp,tilepass+save,tilepass+save-nothing", "aot_eager"),
+    ("on", "tilepass,tilepass+flex", "inductor"),
+    ("off", "tilepass@16,tilepass+save", "aot_eager"),
 ])
-def test_dense_smoke(tmp_path, monkeypatch, ckpt, variants):
-    data = _bench(tmp_path, monkeypatch, "--seqs", "48", "--variants", variants, "--ckpt", ckpt)
+def test_dense_smoke(tmp_path, monkeypatch, ckpt, variants, downstream):
+    data = _bench(tmp_path, monkeypatch, "--seqs", "48", "--variants", variants, "--ckpt", ckpt,
+                  "--downstream", downstream)
     rows = {r["variant"]: r for r in data["rows"]}
     assert list(rows) == variants.split(",") and all(r["step_s"] > 0 and r["ckpt"] == (ckpt == "on") for r in rows.values())
-    assert data["command"].startswith("python ")
+    assert data["command"].startswith("python ") and f"--downstream {downstream}" in data["command"]
     if ckpt == "off":
         assert rows["tilepass@16"]["tiles"] == [3]
         assert rows["tilepass+save"]["saved_attention_layers"] == 0  # no checkpoint, nothing to keep
         return
-    assert rows["tilepass+save-nothing"]["saved_attention_layers"] == 1  # the policy, keeping nothing
-    assert rows["tilepass+save"]["saved_attention_layers"] == 1  # the checkpointed layer keeps attention's outputs
-    assert rows["tilepass"]["tiled_regions"] == 1  # inside the checkpointed layer too
+    if downstream == "aot_eager":
+        assert rows["tilepass+save-nothing"]["saved_attention_layers"] == 1  # the policy, keeping nothing
+        assert rows["tilepass+save"]["saved_attention_layers"] == 1  # the checkpointed layer keeps attention's outputs
+        assert rows["tilepass-mlp"]["tiled_regions"] == 1  # inside the checkpointed layer too
+        assert rows["tilepass-mlp"]["routed_attention"] == 0  # attention off
+        return
+    assert rows["tilepass"]["tiled_regions"] == 1
     # checkpointed layers read a dense causal mask under compile: the default routes it to SDPA's
-    # causal kernel; flex (no CPU backward) and the MLP-only variant leave it
+    # causal kernel; flex (no CPU backward) leaves it
     assert rows["tilepass"]["routed_attention"] == 1
-    assert rows["tilepass-mlp"]["routed_attention"] == rows["tilepass+flex"]["routed_attention"] == 0
+    assert rows["tilepass+flex"]["routed_attention"] == 0
 
 
 def test_causal_smoke(tmp_path, monkeypatch):
     """The causal LM trained from labels: the LM head + loss is one region, its logits dropped."""
-    data = _bench(tmp_path, monkeypatch, "--model", "causal", "--seqs", "32", "--variants", "tilepass+skip")
+    data = _bench(tmp_path, monkeypatch, "--model", "causal", "--seqs", "32", "--variants", "tilepass+skip",
+                  "--downstream", "inductor")  # the headline benchmark's setting, once end to end
     [row] = data["rows"]
     assert row["loss_regions"] == 1 and row["kept_logits_gib"] == 0 and row["rejected"] == []
 

@@ -15,7 +15,9 @@ Llama-3.2-1B shapes (hidden 2048, intermediate 8192, 32/8 heads); ``causal`` the
 Qwen3-30B-A3B shapes (hidden 2048, 128 experts, top-8, moe_intermediate 768, 32/4 heads,
 grouped_mm experts). bf16, batch 1, SDPA attention; ``dense`` and ``moe`` take a loss on
 the final hidden states. ``--ckpt on`` enables layer activation checkpointing; ``--lora``
-wraps the model in PEFT LoRA (r 16 on every linear layer, base frozen).
+wraps the model in PEFT LoRA (r 16 on every linear layer, base frozen); ``--downstream``
+picks what compiles the tilepass variants' graphs after its passes (inductor by default, as
+users run it; attention is routed only under inductor).
 
 Variants: ``eager``; ``compile`` (torch.compile, inductor); ``liger`` (eager, every MLP
 replaced by Liger-Kernel's ``LigerTiledSwiGLUMLP``, the DeepSpeed/ALST TiledMLP
@@ -173,7 +175,7 @@ def make_step(model, variant, args):
             lm.forward = types.MethodType(lce_forward, lm)
             _UNDO.append(lambda: lm.__dict__.pop("forward", None))
     elif name in TILEPASS_VARIANTS:
-        opts = dict(TILEPASS_VARIANTS[name])
+        opts = dict(TILEPASS_VARIANTS[name], downstream=getattr(args, "downstream", "inductor"))  # max_seq, memory_peak: inductor
         if tile_tokens:
             opts["tile_tokens"] = int(tile_tokens)
         fn = torch.compile(model, backend="tilepass", options=opts)
@@ -291,6 +293,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny hidden sizes, for a CPU smoke test")
+    p.add_argument("--downstream", choices=["inductor", "aot_eager", "eager"], default="inductor",
+                   help="what compiles the graph after tilepass's passes (inductor, as users run it)")
     p.add_argument("--out", default=None, help="write all rows as a JSON list here")
     args = p.parse_args(argv)
     model = build_model(args)
