@@ -125,10 +125,13 @@ def test_inductor_downstream():
     assert len(rewritten()) == 2
 
 
-def test_lora_dropout_one_tile_draws_exactly_the_eager_masks():
+@pytest.mark.parametrize("kind", ["mlp", "moe"])
+def test_lora_dropout_one_tile_draws_exactly_the_eager_masks(kind):
     """lora_dropout=0.1: with one tile the region draws its masks like eager PEFT, from
-    the same generator state, so loss and every gradient are eager's."""
-    model = _peft_model("llama", ALL_LINEAR, dropout=0.1)
+    the same generator state (the ops in the graph's order), so loss and every gradient are
+    eager's. mlp: Llama, adapters on every linear layer; moe: Qwen2-MoE, adapters on the
+    shared expert and its gate, whose dropouts are part of the MoE block's region."""
+    model = _peft_model("llama", ALL_LINEAR, dropout=0.1) if kind == "mlp" else _peft_moe(dropout=0.1)
     inputs, weights = _inputs()
     torch.manual_seed(123)
     want = train_step(model, inputs, weights)
@@ -136,7 +139,7 @@ def test_lora_dropout_one_tile_draws_exactly_the_eager_masks():
     torch.manual_seed(123)
     got = train_step(model, inputs, weights, call=compiled)
     assert_close_results(got, want, rtol=1e-10, atol=1e-10)
-    assert [r.tiles for r in rewritten()] == [1, 1] and not rejected()
+    assert [r.tiles for r in rewritten(kind)] == [1, 1] and not rejected(kind)
 
 
 def test_lora_dropout_recompute_replays_the_forward_masks():
@@ -148,19 +151,25 @@ def test_lora_dropout_recompute_replays_the_forward_masks():
     gate, up or down) breaks it. The caller's generator is left where the forward left it."""
     model = _peft_model("llama", MLP_ONLY, dropout=0.1)
     mlp = model.base_model.model.model.layers[0].mlp
-    w_down, b_down = mlp.down_proj.base_layer.weight, mlp.down_proj.lora_B["default"].weight
+    _assert_masks_replayed(mlp, mlp.down_proj, "mlp")
+
+
+def _assert_masks_replayed(block, down, kind):
+    """<dL/dW_d, W_d> + <dL/dB_d, B_d> = <dL/dy, y> for ``block`` compiled with 5 tiles,
+    where ``down`` is a LoRA'd projection in which the block's output is linear."""
+    w_down, b_down = down.base_layer.weight, down.lora_B["default"].weight
     w_down.requires_grad_(True)
     x = torch.randn(BATCH, SEQ, 64, dtype=torch.float64, requires_grad=True)
     g = torch.randn(BATCH, SEQ, 64, dtype=torch.float64)
-    compiled = torch.compile(mlp, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=5))
+    compiled = torch.compile(block, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=5))
     torch.manual_seed(7)
     y = compiled(x)
     after_forward = torch.get_rng_state()
     dw, db = torch.autograd.grad(y, [w_down, b_down], g)
     assert torch.equal(torch.get_rng_state(), after_forward)
     torch.testing.assert_close((dw * w_down).sum() + (db * b_down).sum(), (y * g).sum(), rtol=1e-12, atol=1e-12)
-    [r] = rewritten()
-    assert r.tiles == 5 and not rejected()
+    [r] = rewritten(kind)
+    assert r.tiles == 5 and not rejected(kind)
 
 
 def test_lora_on_a_moe_shared_expert_and_its_gate():
@@ -196,21 +205,6 @@ def _peft_moe(dropout):
     return peft.get_peft_model(model, config).double()
 
 
-def test_lora_dropout_in_a_moe_block_one_tile_draws_exactly_the_eager_masks():
-    """lora_dropout=0.1 on the shared expert and its gate: the dropout is part of the MoE
-    block's region, and with one tile its masks are eager PEFT's (same generator state, the
-    ops in the graph's order), so loss and every gradient are eager's."""
-    model = _peft_moe(dropout=0.1)
-    inputs, weights = _inputs()
-    torch.manual_seed(123)
-    want = train_step(model, inputs, weights)
-    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=1, loss=False))
-    torch.manual_seed(123)
-    got = train_step(model, inputs, weights, call=compiled)
-    assert_close_results(got, want, rtol=1e-10, atol=1e-10)
-    assert [r.tiles for r in rewritten("moe")] == [1, 1] and not rejected("moe")
-
-
 def test_lora_dropout_in_a_moe_block_recompute_replays_the_forward_masks():
     """With 5 tiles, the identity of test_lora_dropout_recompute_replays_the_forward_masks:
     with the routed experts' down projections zeroed, the block is
@@ -222,20 +216,7 @@ def test_lora_dropout_in_a_moe_block_recompute_replays_the_forward_masks():
     block = model.base_model.model.model.layers[0].mlp
     with torch.no_grad():
         block.experts.down_proj.zero_()
-    shared = block.shared_expert.down_proj
-    w_down, b_down = shared.base_layer.weight, shared.lora_B["default"].weight
-    w_down.requires_grad_(True)
-    x = torch.randn(BATCH, SEQ, 64, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(BATCH, SEQ, 64, dtype=torch.float64)
-    compiled = torch.compile(block, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=5))
-    torch.manual_seed(7)
-    y = compiled(x)
-    after_forward = torch.get_rng_state()
-    dw, db = torch.autograd.grad(y, [w_down, b_down], g)
-    assert torch.equal(torch.get_rng_state(), after_forward)
-    torch.testing.assert_close((dw * w_down).sum() + (db * b_down).sum(), (y * g).sum(), rtol=1e-12, atol=1e-12)
-    [r] = rewritten("moe")
-    assert r.tiles == 5 and not rejected("moe")
+    _assert_masks_replayed(block, block.shared_expert.down_proj, "moe")
 
 
 def test_dora_mlps_tiled_exactly_in_one_graph():
