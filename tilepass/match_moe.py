@@ -131,7 +131,7 @@ def find_moes(graph: fx.Graph) -> tuple[list[MoeMatch], list[Rejection]]:
 
 def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, data: set[fx.Node]):
     analysis = Judge(num_tokens)
-    swept = sweep(graph, source, analysis, data)
+    swept = sweep(graph, {source}, analysis, data)
     region, in_region = swept.nodes, swept.inside
     expert_derived: set[fx.Node] = set()
     for n in region:
@@ -167,7 +167,7 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
     if not primary:
         reason = first_stop or "no expert output leaves the block in token order"
         return Rejection(seed, reason, module, pattern, region)
-    block = cut(swept, source, primary[-1])
+    block = cut(swept, primary[-1])
     region, outputs = block.nodes, block.outputs
     if seed not in block.inside:
         return None  # a topk after the block (an aux loss reading the router logits)
