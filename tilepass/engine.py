@@ -206,27 +206,33 @@ class Swept:
     nodes: list[fx.Node]  # graph order, without the sources
     inside: set[fx.Node]  # nodes and the sources
     made: set[fx.Node]  # everything computed from the sources (inside or not)
+    tainted: set[fx.Node]  # everything computed from the region's own nodes: never one of its weights
     stopped: dict[fx.Node, str]  # ops computed from the region that the judge could not follow, and why
     order: dict[fx.Node, int]
 
 
-def sweep(graph: fx.Graph, sources: Iterable[fx.Node], analysis: LayoutAnalysis,
+def sweep(graph: fx.Graph, sources: Iterable[fx.Node], analysis: Judge,
           data: Collection[fx.Node] = frozenset()) -> Swept:
     """Everything computed, in graph order, from ``sources`` (the region's input ``x``; a
     dense MLP adds the token views of it its projections read, and a copy of it computed
     twice) and values that are not token data, as far as the judge follows it. An op that
-    reads a value computed from the region but not in it, or one of ``data`` (values the
-    judge may not take as weights: see :func:`data_dependent`), is outside; one the judge
-    rejects stops the region there, and so does everything computed from it."""
+    reads a value computed from the region's nodes but not in it, or one of ``data``
+    (values the judge may not take as weights: see :func:`data_dependent`), is outside;
+    one the judge rejects stops the region there, and so does everything computed from it.
+    A value computed from ``x`` alone outside the region may be a weight (the judge says
+    whether it is the same for every row)."""
     sources = set(sources)
     for s in sources:
         analysis.layouts[s] = Tok(1, None, tensor_value(s).dim() - 1)
     order = {n: i for i, n in enumerate(graph.nodes)}
     nodes: list[fx.Node] = []
-    inside, made = set(sources), set(sources)
+    inside, made, tainted = set(sources), set(sources), set()
     stopped: dict[fx.Node, str] = {}
     start = min(order[s] for s in sources)
+    reach = max((order[u] for s in sources for u in s.users), default=start)  # the last reader of the region
     for n in graph.nodes:
+        if order[n] > reach and analysis.natural:
+            break  # nothing later reads the region (an MoE sweep goes on: it takes in row counts)
         if order[n] <= start or n in sources or n.op not in ("call_function", "call_method") or _shape_query(n):
             continue
         args = list(arg_nodes(n))
@@ -240,8 +246,10 @@ def sweep(graph: fx.Graph, sources: Iterable[fx.Node], analysis: LayoutAnalysis,
                 made.add(n)
             continue
         made.add(n)
-        if any(a not in inside and (a in made or a in data) for a in args):
-            continue  # reads other token data: outside the region
+        if any(a in tainted or (a in inside and a not in sources) for a in args):
+            tainted.add(n)
+        if not any(a in inside for a in args) or any(a not in inside and (a in tainted or a in data) for a in args):
+            continue  # reads no row of the region, or other token data: outside it
         try:
             analysis.layouts[n] = analysis.infer(n)
         except NotTokenwise as e:
@@ -249,7 +257,8 @@ def sweep(graph: fx.Graph, sources: Iterable[fx.Node], analysis: LayoutAnalysis,
             continue
         nodes.append(n)
         inside.add(n)
-    return Swept(sources, nodes, inside, made, stopped, order)
+        reach = max([reach, *(order[u] for u in n.users)])
+    return Swept(sources, nodes, inside, made, tainted, stopped, order)
 
 
 def _shape_query(node: fx.Node) -> bool:
@@ -294,13 +303,18 @@ def one_output(swept: Swept, output: fx.Node, what: str,
         budget -= 1
         leaving = {a for a in leaving | {n} if any(u not in region for u in a.users)}
     if len(leaving) > 1:
-        n = min(leaving - {output}, key=swept.order.__getitem__)
-        reader = min((u for u in n.users if u not in region), key=swept.order.__getitem__)
-        return (f"`{n.name}` ({op_name(n)}) inside {what} is also read outside it (by `{reader.name}`), "
-                "so it would have to be kept whole")
+        return read_outside(leaving - {output}, region, swept.order, what)
     nodes = [n for n in swept.nodes if n in region]
     inside = region | swept.sources
     return Cut(nodes, inside, [n for n in nodes if n in leaving] or [output], external_reads(nodes, inside, reads))
+
+
+def read_outside(leaving: Iterable[fx.Node], region: set[fx.Node], order: dict[fx.Node, int], what: str) -> str:
+    """The reason for the first of ``leaving`` (values of ``region`` read outside it)."""
+    n = min(leaving, key=order.__getitem__)
+    reader = min((u for u in n.users if u not in region), key=order.__getitem__)
+    return (f"`{n.name}` ({op_name(n)}) inside {what} is also read outside it (by `{reader.name}`), "
+            "so it would have to be kept whole")
 
 
 def data_dependent(graph: fx.Graph) -> set[fx.Node]:

@@ -32,7 +32,8 @@ import torch
 import torch.fx as fx
 
 from . import rowwise
-from .engine import Judge, Rejection, Swept, data_args, one_output, same_value, strip_token_views, sweep
+from .engine import (Judge, Rejection, Swept, data_args, one_output, read_outside, same_value, strip_token_views,
+                     sweep)
 from .fx_utils import arg_nodes, common_module, example_value, leading_numel, op_name, tensor_value
 
 # A walk from a projection back through more nodes than this is not an MLP (it is the
@@ -222,7 +223,11 @@ def _grow(graph: fx.Graph, seed: list[fx.Node], output: fx.Node, inputs: set[fx.
             return f"the up projections read different inputs ({', '.join(sorted(f'`{s.name}`' for s in names))})"
         if missing in swept.stopped:
             return swept.stopped[missing]
-        back = next((a for a in arg_nodes(missing) if a in swept.made and a not in swept.inside), None)
+        back = next((a for a in arg_nodes(missing) if a in swept.tainted and a not in swept.inside), None)
+        kept = set(seed)
+        leaks = [n for n in seed if n is not output and any(u not in kept for u in n.users)]
+        if back is not None and leaks:  # the value is computed from one that leaves the seed
+            return read_outside(leaks, kept, swept.order, "the MLP")
         if back is not None:
             return f"`{back.name}` is computed from the MLP and read back into it"
         return f"`{missing.name}` ({op_name(missing)}) is not computed from the MLP's input"
