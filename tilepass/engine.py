@@ -8,38 +8,42 @@ are the values it computes that are read outside, returned as the graph has them
 One judge says which ops belong: :class:`tilepass.token_layout.LayoutAnalysis` gives
 every value a layout (which rows belong to which token). A dense op is its plain case,
 natural rows in and out, decided by :func:`tilepass.rowwise.classify`; an MoE block's
-dispatch, sort, grouped matmul and un-sort move rows, and its rules follow them.
+dispatch, sort, grouped matmul and un-sort move rows, and its rules follow them. A dense
+MLP's rows never move: its judge is the plain case alone (``Judge(natural=True)``).
 
 A per-kind description (:mod:`tilepass.match_mlp`, :mod:`tilepass.match_moe`) says where
-regions start and what it calls them; the engine grows them, in one of two ways:
+regions start and what it calls them; the engine grows every region by one walk:
 
-* :func:`close_region` grows a seed (a dense MLP: its projections and the ops between
-  them) to the closure: while the region reads several token tensors, the latest of them
-  is taken in if row-wise (a LoRA ``lora_A(dropout(x))`` next to ``linear(x)``); while
-  several values leave it, the earliest reader that reads only the region is taken in
-  (a LoRA branch on the down projection, up to its add).
-* :func:`sweep` follows everything computed from ``x`` and weights alone, in graph order,
-  up to the first op the judge cannot follow (an MoE block, whose router, dispatch and
-  experts are not one chain); :func:`cut` then keeps what an output needs.
+1. :func:`sweep` follows everything computed from ``x`` (and from weights) in graph
+   order, as far as the judge follows it. An op that also reads other token data (the
+   residual stream, a value computed from the region but not in it) is outside; one the
+   judge rejects stops the region there, and everything computed from it is outside too.
+   A dense MLP's LoRA branches (``lora_A(dropout(x))``) are computed from ``x``, so they
+   are in; so are the attention projections of a parallel block, until attention stops it.
+2. :func:`cut` keeps what an output needs (an MoE block's last expert output, a dense
+   MLP's down projection); the rest runs untiled after it. Where one output is wanted
+   (a dense MLP), :func:`one_output` takes in, in graph order, the swept ops that read only
+   the region's own values while more than one value leaves it (a LoRA branch on the down
+   projection, up to its add).
 
-Either way :func:`external_reads` gives the weights, and the rejection says why not.
-Knows nothing of tiling.
+:func:`external_reads` gives the weights; what the walk did not reach, or what leaves
+the region besides its outputs, gives the rejection's reason. Knows nothing of tiling.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 import torch
 import torch.fx as fx
 
 from . import rowwise
 from .fx_utils import arg_nodes, example_value, mutates, op_name, tensor_value
-from .layouts import Ext, NotTokenwise, Tok, Tuple
+from .layouts import EXT, Ext, NotTokenwise, Tok, Tuple
 from .token_layout import LayoutAnalysis
 
-# Nodes a closure may take in beyond the seed (a LoRA branch on three projections with
-# dropout is ~20); past this the region is not an MLP-sized block.
+# Ops :func:`one_output` may take in after the cut (a LoRA branch on the down projection
+# is ~5); past this the region is not an MLP-sized block.
 MAX_ABSORBED = 64
 
 
@@ -52,15 +56,6 @@ class Rejection:
     module: str
     pattern: str
     nodes: list[fx.Node]
-
-
-@dataclasses.dataclass
-class Closed:
-    nodes: list[fx.Node]  # graph order
-    source: fx.Node  # the one token tensor the region reads (before token reshapes)
-    token_inputs: set[fx.Node]  # the nodes through which it reads it (source, or views of it)
-    output: fx.Node
-    params: list[fx.Node]  # everything else it reads, in first-use order
 
 
 def data_args(node: fx.Node, num_tokens: Any) -> list[fx.Node]:
@@ -87,94 +82,6 @@ def strip_token_views(node: fx.Node, num_tokens: Any) -> fx.Node:
             break
         node = node.args[0]
     return node
-
-
-def close_region(seed: Iterable[fx.Node], output: fx.Node, num_tokens: Any, what: str = "the region") -> Closed | str:
-    """Grow ``seed`` (whose main output is ``output``) into a closed region, or say why not."""
-    graph = output.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    region = set(seed)
-    budget = MAX_ABSORBED
-
-    # One input.
-    while True:
-        inputs = _inputs(region, num_tokens)
-        sources = {strip_token_views(a, num_tokens) for a in inputs}
-        if not sources:
-            return f"{what} reads no token tensor"
-        first = min(sources, key=order.__getitem__)
-        if len(sources) == 1 or all(same_value(s, first) for s in sources):
-            break
-        latest = max(sources, key=order.__getitem__)
-        if budget <= 0 or not _absorbable(latest, region, num_tokens, need_inside=False):
-            names = ", ".join(sorted(f"`{s.name}`" for s in sources))
-            return f"the up projections read different inputs ({names})"
-        for a in inputs:  # the views of it the region reads come in with it
-            if strip_token_views(a, num_tokens) is latest:
-                while a is not latest:
-                    region.add(a)
-                    a = a.args[0]
-        region.add(latest)
-        budget -= 1
-
-    # One output.
-    while True:
-        outs = [n for n in region if any(u not in region for u in n.users)]
-        if len(outs) <= 1:
-            break
-        readers = sorted({u for n in outs for u in n.users if u not in region}, key=order.__getitem__)
-        taken = next((r for r in readers if _absorbable(r, region, num_tokens, need_inside=True)), None)
-        if taken is None or budget <= 0:
-            n = min((o for o in outs if o is not output), key=order.__getitem__)
-            reader = min((u for u in n.users if u not in region), key=order.__getitem__)
-            return (f"`{n.name}` ({op_name(n)}) inside {what} is also read outside it (by `{reader.name}`), "
-                    "so it would have to be kept whole")
-        region.add(taken)
-        budget -= 1
-
-    nodes = sorted(region, key=order.__getitem__)
-    outs = [n for n in nodes if any(u not in region for u in n.users)]
-    output = outs[0] if outs else output
-    inputs = _inputs(region, num_tokens)
-    source = min({strip_token_views(a, num_tokens) for a in inputs}, key=order.__getitem__)
-    params = external_reads(nodes, region | inputs, lambda n: (
-        [n.args[0]] if rowwise.classify(n, num_tokens).kind == "view" else arg_nodes(n)))
-    made = _descendants(nodes, order)
-    for a in list(inputs) + params:
-        if a in made:
-            return f"`{a.name}` is computed from {what} and read back into it"
-    return Closed(nodes, source, inputs, output, params)
-
-
-def _inputs(region: set[fx.Node], num_tokens: Any) -> set[fx.Node]:
-    return {a for n in region for a in data_args(n, num_tokens) if a not in region}
-
-
-def _absorbable(node: fx.Node, region: set[fx.Node], num_tokens: Any, need_inside: bool) -> bool:
-    """May ``node`` join the region? It must act row-wise, and (read forward) every token
-    tensor it reads must already be inside; a projection's weight never is."""
-    if node.op not in ("call_function", "call_method") or node.is_impure() or rowwise.mixes_activations(node):
-        return False
-    verdict = rowwise.classify(node, num_tokens)
-    if not verdict.ok:
-        return False
-    if verdict.kind == "matmul" and any(a in region for a in arg_nodes(node) if a is not node.args[verdict.token_arg]):
-        return False
-    if not need_inside:
-        return True
-    return all(a in region for a in data_args(node, num_tokens))
-
-
-def _descendants(nodes: list[fx.Node], order: dict[fx.Node, int]) -> set[fx.Node]:
-    """Nodes outside ``nodes`` computed from them, up to the last of them."""
-    inside, made = set(nodes), set(nodes)
-    last = order[nodes[-1]]
-    n = nodes[0]
-    while n is not None and order.get(n, last + 1) <= last:
-        if n not in inside and any(a in made for a in arg_nodes(n)):
-            made.add(n)
-        n = n.next if n.next.op != "root" else None
-    return made - inside
 
 
 _RANDOM = ("dropout", "rand", "randn", "randint", "bernoulli", "multinomial", "normal", "uniform")
@@ -213,11 +120,42 @@ class Judge(LayoutAnalysis):
     have their rows (dim 0) in one layout, and whose other operands are the same for every
     row, is judged by :func:`tilepass.rowwise.classify` over those rows, and its result
     keeps them. Anything else (a dispatch, a sort, a grouped matmul, per-row vectors) goes
-    to the layout rules of :class:`~tilepass.token_layout.LayoutAnalysis`."""
+    to the layout rules of :class:`~tilepass.token_layout.LayoutAnalysis`.
+
+    ``natural=True`` (a dense MLP) is the plain case alone, where rows never move: token
+    tensors keep all their token dims (``[B, S, F]`` as well as ``[T, F]``, since the tile
+    program flattens them), and a dropout in training is kept (its RNG is replayed in the
+    recompute)."""
+
+    def __init__(self, num_tokens: Any, natural: bool = False):
+        super().__init__(num_tokens)
+        self.natural = natural
 
     def infer(self, node: fx.Node) -> Any:
+        if self.natural:
+            return self.natural_rows(node)
         plain = self.rowwise(node)
         return plain if plain is not None else super().infer(node)
+
+    def is_row_count_creation(self, node: fx.Node) -> bool:
+        return not self.natural and super().is_row_count_creation(node)
+
+    def natural_rows(self, node: fx.Node) -> Any:
+        """The layout of ``node`` if the dense rule accepts it on natural rows, else raise why not."""
+        verdict = rowwise.classify(node, self.T)
+        if not verdict.ok:
+            raise NotTokenwise(verdict.reason)
+        ins = {a: self.of(a) for a in arg_nodes(node)}
+        if not all(_natural(lay) for lay in ins.values()):
+            raise NotTokenwise(f"op `{op_name(node)}` reads rows that moved")
+        if verdict.kind == "matmul":  # its token operand in the region, every other operand a weight
+            x = node.args[verdict.token_arg]
+            if isinstance(ins.get(x, EXT), Ext) or any(not isinstance(la, Ext) for a, la in ins.items() if a is not x):
+                raise NotTokenwise(f"op `{op_name(node)}` is not a projection of the region's rows by a weight")
+        for a, la in ins.items():
+            if isinstance(la, Ext) and verdict.kind != "matmul" and not rowwise.broadcasts_over_features(example_value(a)):
+                raise NotTokenwise(f"op `{op_name(node)}`: `{a.name}` varies over the tokens and is not in the region")
+        return _natural_layout(example_value(node))
 
     def rowwise(self, node: fx.Node) -> Any:
         """The layout the dense rule gives ``node``, or None where it does not decide."""
@@ -248,45 +186,70 @@ def _rows_first(value: Any, rows: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows
 
 
-# -- the forward sweep ---------------------------------------------------------------------
+def _natural(layout: Any) -> bool:
+    if isinstance(layout, Tuple):
+        return all(_natural(item) for item in layout.items)
+    return isinstance(layout, Ext) or (isinstance(layout, Tok) and layout.m == 1 and layout.perm is None)
+
+
+def _natural_layout(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return Tuple(tuple(_natural_layout(v) for v in value))
+    return Tok(1, None, max(value.dim() - 1, 1)) if isinstance(value, torch.Tensor) else EXT
+
+
+# -- the walk: sweep forward from the input, cut back from an output ------------------------
 
 @dataclasses.dataclass
 class Swept:
-    nodes: list[fx.Node]  # graph order, without the source
-    inside: set[fx.Node]  # nodes and the source
+    sources: set[fx.Node]
+    nodes: list[fx.Node]  # graph order, without the sources
+    inside: set[fx.Node]  # nodes and the sources
+    made: set[fx.Node]  # everything computed from the sources (inside or not)
+    tainted: set[fx.Node]  # everything computed from the region's own nodes: never one of its weights
     stopped: dict[fx.Node, str]  # ops computed from the region that the judge could not follow, and why
+    order: dict[fx.Node, int]
 
 
-def sweep(graph: fx.Graph, source: fx.Node, analysis: LayoutAnalysis, data: set[fx.Node]) -> Swept:
-    """Everything computed, in graph order, from ``source`` and values that are not token
-    data (``data``: see :func:`data_dependent`), as far as the judge follows it. An op that
-    reads other token data is outside; one the judge rejects stops the sweep there, and
-    so does everything computed from it."""
-    analysis.layouts[source] = Tok(1, None, tensor_value(source).dim() - 1)
+def sweep(graph: fx.Graph, sources: Iterable[fx.Node], analysis: Judge,
+          data: Collection[fx.Node] = frozenset()) -> Swept:
+    """Everything computed, in graph order, from ``sources`` (the region's input ``x``; a
+    dense MLP adds the token views of it its projections read, and a copy of it computed
+    twice) and values that are not token data, as far as the judge follows it. An op that
+    reads a value computed from the region's nodes but not in it, or one of ``data``
+    (values the judge may not take as weights: see :func:`data_dependent`), is outside;
+    one the judge rejects stops the region there, and so does everything computed from it.
+    A value computed from ``x`` alone outside the region may be a weight (the judge says
+    whether it is the same for every row)."""
+    sources = set(sources)
+    for s in sources:
+        analysis.layouts[s] = Tok(1, None, tensor_value(s).dim() - 1)
+    order = {n: i for i, n in enumerate(graph.nodes)}
     nodes: list[fx.Node] = []
-    inside = {source}
+    inside, made, tainted = set(sources), set(sources), set()
     stopped: dict[fx.Node, str] = {}
-    started = False
+    start = min(order[s] for s in sources)
+    reach = max((order[u] for s in sources for u in s.users), default=start)  # the last reader of the region
     for n in graph.nodes:
-        if n is source:
-            started = True
-            continue
-        if not started or n.op not in ("call_function", "call_method"):
+        if order[n] > reach and analysis.natural:
+            break  # nothing later reads the region (an MoE sweep goes on: it takes in row counts)
+        if order[n] <= start or n in sources or n.op not in ("call_function", "call_method") or _shape_query(n):
             continue
         args = list(arg_nodes(n))
-        if not any(a in inside or a in stopped for a in args):
+        if not any(a in made for a in args):
             if analysis.is_row_count_creation(n):
                 # arange(T*k) for an inverse permutation: its size is the token count, so
                 # it belongs to the tile (and is re-sized there).
                 analysis.layouts[n] = analysis.infer(n)
                 nodes.append(n)
                 inside.add(n)
+                made.add(n)
             continue
-        foreign = [a for a in args if a in data and a not in inside]
-        if foreign or any(a in stopped for a in args):
-            if any(a in inside for a in args) and not foreign:
-                stopped[n] = next(stopped[a] for a in args if a in stopped)
-            continue  # reads other token data: outside the region
+        made.add(n)
+        if any(a in tainted or (a in inside and a not in sources) for a in args):
+            tainted.add(n)
+        if not any(a in inside for a in args) or any(a not in inside and (a in tainted or a in data) for a in args):
+            continue  # reads no row of the region, or other token data: outside it
         try:
             analysis.layouts[n] = analysis.infer(n)
         except NotTokenwise as e:
@@ -294,24 +257,64 @@ def sweep(graph: fx.Graph, source: fx.Node, analysis: LayoutAnalysis, data: set[
             continue
         nodes.append(n)
         inside.add(n)
-    return Swept(nodes, inside, stopped)
+        reach = max([reach, *(order[u] for u in n.users)])
+    return Swept(sources, nodes, inside, made, tainted, stopped, order)
+
+
+def _shape_query(node: fx.Node) -> bool:
+    """``x.size(d)``: the shape of a token tensor, not its data (a dense view reads it)."""
+    return op_name(node) in ("size", "sym_size", "dim")
 
 
 @dataclasses.dataclass
 class Cut:
-    nodes: list[fx.Node]  # graph order, without the source
-    inside: set[fx.Node]  # nodes and the source
+    nodes: list[fx.Node]  # graph order, without the sources
+    inside: set[fx.Node]  # nodes and the sources
     outputs: list[fx.Node]  # the values read outside, graph order: returned as the graph has them
     params: list[fx.Node]  # whatever else it reads (its weights), first-use order
 
 
-def cut(swept: Swept, source: fx.Node, output: fx.Node) -> Cut:
-    """The swept region cut to what ``output`` needs; the rest runs untiled after it."""
+def cut(swept: Swept, output: fx.Node, reads: Callable[[fx.Node], Iterable[fx.Node]] = arg_nodes) -> Cut:
+    """The swept region cut to what ``output`` needs; the rest runs untiled after it.
+    ``reads`` says which arguments of a node it reads (a dense token view: its input only)."""
     keep = needed(output, swept.inside)
     nodes = [n for n in swept.nodes if n in keep]
-    inside = set(nodes) | {source}
+    inside = set(nodes) | swept.sources
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-    return Cut(nodes, inside, outputs, external_reads(nodes, inside))
+    return Cut(nodes, inside, outputs, external_reads(nodes, inside, reads))
+
+
+def one_output(swept: Swept, output: fx.Node, what: str,
+               reads: Callable[[fx.Node], Iterable[fx.Node]] = arg_nodes) -> Cut | str:
+    """The region cut to ``output``, with one value leaving it: while several do, the next
+    swept op (graph order) that reads only the region's own values is taken in (a LoRA
+    branch on the down projection reads the intermediate: the region grows to its add,
+    which becomes the output); else why not."""
+    region = set(cut(swept, output, reads).nodes)
+    leaving = {n for n in region if any(u not in region for u in n.users)}
+    budget = MAX_ABSORBED
+    for n in swept.nodes:
+        if len(leaving) <= 1 or budget <= 0:
+            break
+        ins = [a for a in arg_nodes(n) if a in swept.inside]
+        if n in region or not ins or not all(a in region for a in ins):
+            continue
+        region.add(n)
+        budget -= 1
+        leaving = {a for a in leaving | {n} if any(u not in region for u in a.users)}
+    if len(leaving) > 1:
+        return read_outside(leaving - {output}, region, swept.order, what)
+    nodes = [n for n in swept.nodes if n in region]
+    inside = region | swept.sources
+    return Cut(nodes, inside, [n for n in nodes if n in leaving] or [output], external_reads(nodes, inside, reads))
+
+
+def read_outside(leaving: Iterable[fx.Node], region: set[fx.Node], order: dict[fx.Node, int], what: str) -> str:
+    """The reason for the first of ``leaving`` (values of ``region`` read outside it)."""
+    n = min(leaving, key=order.__getitem__)
+    reader = min((u for u in n.users if u not in region), key=order.__getitem__)
+    return (f"`{n.name}` ({op_name(n)}) inside {what} is also read outside it (by `{reader.name}`), "
+            "so it would have to be kept whole")
 
 
 def data_dependent(graph: fx.Graph) -> set[fx.Node]:

@@ -12,11 +12,14 @@ MLPs (GELU exact/tanh/spelled out, ReLU, SiLU), with or without biases, whether 
 projections are ``linear`` or ``view/addmm/view`` (GPT-2's Conv1D). Instead of a list of
 model shapes there is the engine's one rule: every op between the projections must act
 row-wise on tokens (:mod:`tilepass.rowwise`, the judge's plain case), and the region is
-closed to one input, nothing outside reading an intermediate
-(:func:`tilepass.engine.close_region`). What this kind adds: where a candidate starts (a
-down projection, walked back to its up projections), its pattern name, and that its one
-output has the input's token dims. A candidate that breaks the rule is returned as a
-:class:`~tilepass.engine.Rejection` with the reason.
+what the engine's walk gives: swept forward from ``x`` (:func:`tilepass.engine.sweep`,
+LoRA branches included), cut back to the down projection with one value leaving
+(:func:`tilepass.engine.one_output`, a LoRA branch on the down projection up to its add).
+What this kind adds: where a candidate starts (a down projection, walked back to its up
+projections), its ``x`` (the earliest tensor the ups read, before token views), its
+pattern name, the reasons (an up projection the sweep from ``x`` did not reach: they
+read different inputs) and that its one output has the input's token dims. A candidate
+that breaks the rule is returned as a :class:`~tilepass.engine.Rejection` with the reason.
 
 This module knows nothing of tiling; it only says what is there.
 """
@@ -29,7 +32,8 @@ import torch
 import torch.fx as fx
 
 from . import rowwise
-from .engine import Closed, Rejection, close_region, same_value, strip_token_views
+from .engine import (Judge, Rejection, Swept, data_args, one_output, read_outside, same_value, strip_token_views,
+                     sweep)
 from .fx_utils import arg_nodes, common_module, example_value, leading_numel, op_name, tensor_value
 
 # A walk from a projection back through more nodes than this is not an MLP (it is the
@@ -163,27 +167,28 @@ def find_mlps(graph: fx.Graph) -> tuple[list[MlpMatch], list[Rejection]]:
             continue  # the same MLP, reached again from an adapter's projection
         seen_ups |= set(ups)
         ups = sorted(ups, key=order)
-        source = strip_token_views(rowwise.projection_input(ups[0], num_tokens), num_tokens)
+        inputs = _token_inputs(ups, num_tokens, order)
+        source = min(inputs, key=order)
         output = _output_node(down, source, num_tokens)
-        seed = [*ups, *inner, down, output]
+        seed = sorted({*ups, *inner, down, output}, key=order)
         reason = next((v.reason for v in (rowwise.classify(n, num_tokens) for n in inner) if not v.ok), None)
-        closed = close_region(seed, output, num_tokens, "the MLP") if reason is None else None
-        if isinstance(closed, str):
-            reason, closed = closed, None
-        nodes = closed.nodes if closed else sorted(set(seed), key=order)
+        region = _grow(graph, seed, output, inputs, num_tokens) if reason is None else None
+        if isinstance(region, str):
+            reason, region = region, None
+        nodes = region.nodes if region else seed
         module = common_module(nodes)
-        if closed is not None:
-            reason = _check_output(closed)
+        if region is not None:
+            reason = _check_output(region.outputs[0], source)
         if reason is None and claimed & set(nodes):
             reason = "overlaps another MLP region"
         if reason is not None:
             rejections.append(Rejection(down, reason, module, pattern, nodes))
             continue
-        reading_x = [u for u in ups if _reads(u, closed, num_tokens)] or ups
+        reading_x = [u for u in ups if _reads(u, inputs, source, num_tokens)] or ups
         matches.append(MlpMatch(
-            source=closed.source, token_inputs=closed.token_inputs, nodes=nodes, ups=ups, down=down,
-            output=closed.output, params=closed.params, pattern=pattern, module=module, num_tokens=num_tokens,
-            in_features=int(tensor_value(closed.source).shape[-1]),
+            source=source, token_inputs=inputs, nodes=nodes, ups=ups, down=down,
+            output=region.outputs[0], params=region.params, pattern=pattern, module=module, num_tokens=num_tokens,
+            in_features=int(tensor_value(source).shape[-1]),
             intermediate=sum(int(tensor_value(u).shape[-1]) for u in reading_x),
             uses_rng=any(rowwise.classify(n, num_tokens).kind == "random" for n in nodes),
         ))
@@ -191,14 +196,71 @@ def find_mlps(graph: fx.Graph) -> tuple[list[MlpMatch], list[Rejection]]:
     return matches, rejections
 
 
-def _reads(up: fx.Node, closed: Closed, num_tokens: Any) -> bool:
+def _token_inputs(ups: list[fx.Node], num_tokens: Any, order) -> set[fx.Node]:
+    """The region's input ``x`` (the earliest tensor an up projection reads, before token
+    views), a copy of it computed twice (a norm Dynamo keeps twice), and the token views
+    of those the projections read: all of them are the tile program's ``x``."""
+    reads = [rowwise.projection_input(u, num_tokens) for u in ups]
+    source = min((strip_token_views(x, num_tokens) for x in reads), key=order)
+    inputs = {source}
+    for x in reads:
+        root = strip_token_views(x, num_tokens)
+        if same_value(root, source):
+            while x is not root:
+                inputs.add(x)
+                x = x.args[0]
+            inputs.add(root)
+    return inputs
+
+
+def _grow(graph: fx.Graph, seed: list[fx.Node], output: fx.Node, inputs: set[fx.Node], num_tokens: Any):
+    """The engine's walk from ``inputs``: the region (a :class:`~tilepass.engine.Cut`), or why not."""
+    swept = sweep(graph, inputs, Judge(num_tokens, natural=True))
+    missing = next((n for n in seed if n not in swept.inside), None)
+    if missing is not None:
+        if any(a not in swept.inside for a in data_args(missing, num_tokens)):
+            names = {min(inputs, key=swept.order.__getitem__)} | _others(swept, seed, num_tokens)
+            return f"the up projections read different inputs ({', '.join(sorted(f'`{s.name}`' for s in names))})"
+        if missing in swept.stopped:
+            return swept.stopped[missing]
+        back = next((a for a in arg_nodes(missing) if a in swept.tainted and a not in swept.inside), None)
+        kept = set(seed)
+        leaks = [n for n in seed if n is not output and any(u not in kept for u in n.users)]
+        if back is not None and leaks:  # the value is computed from one that leaves the seed
+            return read_outside(leaks, kept, swept.order, "the MLP")
+        if back is not None:
+            return f"`{back.name}` is computed from the MLP and read back into it"
+        return f"`{missing.name}` ({op_name(missing)}) is not computed from the MLP's input"
+    return one_output(swept, output, "the MLP", lambda n: (
+        [n.args[0]] if rowwise.classify(n, num_tokens).kind == "view" else arg_nodes(n)))
+
+
+def _others(swept: Swept, seed: list[fx.Node], num_tokens: Any) -> set[fx.Node]:
+    """The token tensors from outside that the seed reads, directly or through values it
+    computes from them and ``x`` (``up(x + r)`` reads ``r``)."""
+    out: set[fx.Node] = set()
+    stack = [a for n in seed for a in data_args(n, num_tokens) if a not in swept.inside and a not in seed]
+    seen: set[fx.Node] = set()
+    while stack:
+        a = stack.pop()
+        if a in seen:
+            continue
+        seen.add(a)
+        more = [b for b in data_args(a, num_tokens) if b not in swept.inside] if a in swept.made else []
+        stack.extend(more)
+        if not more:
+            out.add(strip_token_views(a, num_tokens))
+    return out
+
+
+def _reads(up: fx.Node, inputs: set[fx.Node], source: fx.Node, num_tokens: Any) -> bool:
     """Does the projection read the region's input itself (not an adapter's bottleneck)?"""
     x = rowwise.projection_input(up, num_tokens)
-    return x in closed.token_inputs or same_value(strip_token_views(x, num_tokens), closed.source)
+    return x in inputs or same_value(strip_token_views(x, num_tokens), source)
 
 
-def _check_output(closed: Closed) -> str | None:
-    out, src = tensor_value(closed.output), tensor_value(closed.source)
+def _check_output(output: fx.Node, source: fx.Node) -> str | None:
+    out, src = tensor_value(output), tensor_value(source)
     if out is None or src is None or (out.dim() != 2 and tuple(out.shape[:-1]) != tuple(src.shape[:-1])):
         return "the output's token dims differ from the input's"
     return None

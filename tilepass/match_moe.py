@@ -2,15 +2,16 @@
 expert) in a Dynamo graph.
 
 Where a block starts: a routing op (``topk``) whose scores come, through row-wise ops,
-from a projection of some tensor ``x`` (the router's source). The engine sweeps forward
-from ``x`` (:func:`tilepass.engine.sweep`): everything computed from ``x`` and weights
-alone, judged op by op, rows followed through dispatch (repeat/sort/gather), the experts
-(grouped matmul or batched matmul over gathered weights) and the combine (un-sort, sum
-over top-k). The first op the judge cannot follow ends the region there; the ops after it
-run untiled, as before. What this kind adds: the block is tiled when it holds an expert
-computation and every value leaving it is back in natural token order, e.g.
-``(hidden [B, S, H], router_logits [B*S, E])``; and its pattern name
-(``moe_{grouped_mm|batched_mm}_top{k}[_shared]``).
+from a projection of some tensor ``x`` (the router's source). The engine's one walk, as
+for a dense MLP, sweeps forward from ``x`` (:func:`tilepass.engine.sweep`): everything
+computed from ``x`` and weights alone, judged op by op, rows followed through dispatch
+(repeat/sort/gather), the experts (grouped matmul or batched matmul over gathered weights)
+and the combine (un-sort, sum over top-k). The first op the judge cannot follow ends the
+region there; :func:`tilepass.engine.cut` keeps what the block's last expert output needs,
+and the ops after it run untiled, as before. What this kind adds: that output; the block
+is tiled when it holds an expert computation and every value leaving it is back in
+natural token order, e.g. ``(hidden [B, S, H], router_logits [B*S, E])``; and its
+pattern name (``moe_{grouped_mm|batched_mm}_top{k}[_shared]``).
 
 Knows nothing of tiling; returns matches and rejections with reasons.
 """
@@ -132,7 +133,7 @@ def find_moes(graph: fx.Graph) -> tuple[list[MoeMatch], list[Rejection]]:
 
 def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, data: set[fx.Node]):
     analysis = Judge(num_tokens)
-    swept = sweep(graph, source, analysis, data)
+    swept = sweep(graph, {source}, analysis, data)
     region, in_region = swept.nodes, swept.inside
     expert_derived: set[fx.Node] = set()
     for n in region:
@@ -168,7 +169,7 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
     if not primary:
         reason = first_stop or "no expert output leaves the block in token order"
         return Rejection(seed, reason, module, pattern, region)
-    block = cut(swept, source, primary[-1])
+    block = cut(swept, primary[-1])
     region, outputs = block.nodes, block.outputs
     if seed not in block.inside:
         return None  # a topk after the block (an aux loss reading the router logits)
