@@ -120,12 +120,12 @@ class Judge(LayoutAnalysis):
     have their rows (dim 0) in one layout, and whose other operands are the same for every
     row, is judged by :func:`tilepass.rowwise.classify` over those rows, and its result
     keeps them. Anything else (a dispatch, a sort, a grouped matmul, per-row vectors) goes
-    to the layout rules of :class:`~tilepass.token_layout.LayoutAnalysis`.
+    to the layout rules of :class:`~tilepass.token_layout.LayoutAnalysis`. A dropout in
+    training is kept either way (its RNG is replayed in the recompute).
 
     ``natural=True`` (a dense MLP) is the plain case alone, where rows never move: token
     tensors keep all their token dims (``[B, S, F]`` as well as ``[T, F]``, since the tile
-    program flattens them), and a dropout in training is kept (its RNG is replayed in the
-    recompute)."""
+    program flattens them)."""
 
     def __init__(self, num_tokens: Any, natural: bool = False):
         super().__init__(num_tokens)
