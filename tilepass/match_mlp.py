@@ -190,7 +190,7 @@ def find_mlps(graph: fx.Graph) -> tuple[list[MlpMatch], list[Rejection]]:
             output=region.outputs[0], params=region.params, pattern=pattern, module=module, num_tokens=num_tokens,
             in_features=int(tensor_value(source).shape[-1]),
             intermediate=sum(int(tensor_value(u).shape[-1]) for u in reading_x),
-            uses_rng=any(rowwise.classify(n, num_tokens).kind == "random" for n in nodes),
+            uses_rng=any(rowwise.draws_random(n) for n in nodes),
         ))
         claimed |= set(nodes)
     return matches, rejections

@@ -209,11 +209,9 @@ def classify(node: fx.Node, num_tokens: Any) -> Verdict:
         return Verdict("rejected", f"getitem on a {type(src_val).__name__}")
 
     if (node.op == "call_function" and target in DROPOUT_FUNCTIONS) or (node.op == "call_method" and name == "dropout"):
-        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
         if node.kwargs.get("inplace", node.args[3] if len(node.args) > 3 else False):
             return Verdict("rejected", "in-place dropout")
-        if training and p != 0:
+        if draws_random(node):
             return Verdict("random")  # kept; the tiled runtime replays its RNG in the recompute
         return Verdict("identity")
 
