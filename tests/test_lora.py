@@ -219,6 +219,29 @@ def test_lora_dropout_in_a_moe_block_recompute_replays_the_forward_masks():
     _assert_masks_replayed(block, block.shared_expert.down_proj, "moe")
 
 
+def test_lora_on_moe_expert_weights_is_left_alone_with_the_reason():
+    """PEFT's LoRA on fused expert weights (target_parameters) goes through
+    torch.nn.utils.parametrize, whose in-place ``set_`` Dynamo cannot trace (so plain
+    torch.compile breaks there too): the experts leave the router's graph. Nothing is
+    tiled, the result is eager's, and each MoE block's record names the cause."""
+    from tilepass.tiny_models import tiny_model as build
+
+    model = build("qwen3_moe", experts_implementation="batched_mm").double()
+    torch.manual_seed(5)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    model = peft.get_peft_model(model, config).double()
+    inputs, weights = _inputs()
+    want = train_step(model, inputs, weights)
+    compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=5, loss=False))
+    got = train_step(model, inputs, weights, call=compiled)
+    assert_close_results(got, want, rtol=1e-10, atol=1e-10)
+    assert sum("lora_" in n for n in got[2]) == 8  # A and B of two expert weights, two layers
+    assert not rewritten("moe")
+    reasons = [r.reason for r in rejected("moe")]
+    assert len(reasons) == 2 and all("target_parameters" in r for r in reasons), reasons
+
+
 def test_dora_mlps_tiled_exactly_in_one_graph():
     """DoRA (use_dora=True) is row-wise: its magnitude scale is computed from weights alone
     ([1, F] per output feature), so the engine takes it in like any LoRA branch, with no

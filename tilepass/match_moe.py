@@ -156,8 +156,10 @@ def _analyse(graph: fx.Graph, seed: fx.Node, source: fx.Node, num_tokens: int, d
         return Rejection(seed, first_stop or "the router is not row-wise", module, pattern, region)
     if not analysis.experts:
         reason = ("the routed experts are not in this graph: a graph break separates them from the router "
-                  "(experts_implementation='eager' breaks it around each expert; so can per-layer compile or "
-                  "FSDP2 where the router logits are captured for an aux loss; use 'grouped_mm' or 'batched_mm')"
+                  "(experts_implementation='eager' breaks it around each expert, use 'grouped_mm' or 'batched_mm'; "
+                  "so does PEFT's LoRA on the expert weights (target_parameters), whose parametrization Dynamo "
+                  "cannot trace; so can per-layer compile or FSDP2 where the router logits are captured for an "
+                  "aux loss; TORCH_LOGS=graph_breaks shows where)"
                   if first_stop is None else
                   f"the routed experts are not in this graph; the routing is followed up to: {first_stop}")
         return Rejection(seed, reason, module, pattern, region)
