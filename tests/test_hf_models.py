@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import tilepass
-from tilepass.tiny_models import ARCHS, tiny_model
+from tilepass.tiny_models import ARCHS, EXTRA_DENSE_ARCHS, tiny_model
 
 from conftest import assert_close_results, rejected, rewritten, train_step
 
@@ -35,6 +35,25 @@ def test_every_mlp_tiled_exactly_aot_eager(arch):
     assert len({r.module for r in done}) == layers
     assert all(r.tiles == tilepass.default_mlp_tiles(BATCH * SEQ, 64, r_width(model)) for r in done)
     assert not rejected()
+
+
+@pytest.mark.parametrize("arch", EXTRA_DENSE_ARCHS)
+def test_more_dense_families_tiled_exactly_or_recorded(arch):
+    """Block forms beyond the six above (tiny_models.EXTRA_DENSE_ARCHS): attention and MLP
+    reading one norm's output side by side, a non-gated biased GELU, post-norms, an MLP
+    written inline in the decoder layer (OPT: the record names the layer). Every MLP gets one
+    record; all are tiled and exact, except BLOOM's, whose GELU in training is a custom
+    autograd.Function: left as it was, with that reason, and still exact."""
+    model, inputs, weights = _setup(arch, attn_implementation="eager")
+    want = train_step(model, inputs, weights)
+    got = _tiled(model, inputs, weights, downstream="aot_eager", num_tiles=5, loss=False)
+    assert_close_results(got, want, rtol=1e-10, atol=1e-10, what=arch)
+    records = [r for r in tilepass.report() if r.kind == "mlp"]
+    assert len(records) == len({r.module for r in records}) == model.config.num_hidden_layers, records
+    if arch == "bloom":
+        assert not rewritten() and all("custom torch.autograd.Function" in r.reason for r in records), records
+    else:
+        assert not rejected() and all(r.tiles == 5 for r in records), records
 
 
 def r_width(model):

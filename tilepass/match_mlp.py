@@ -161,8 +161,12 @@ def find_mlps(graph: fx.Graph) -> tuple[list[MlpMatch], list[Rejection]]:
         inner_set = set(inner)
         inner = [n for n in graph.nodes if n in inner_set]
         pattern = _pattern(ups, inner, num_tokens)
-        if not ups or pattern is None:
-            continue  # projections without an activation between them: not an MLP
+        if not ups:
+            continue
+        if pattern is None:
+            if all(rowwise.classify(n, num_tokens).ok for n in inner):
+                continue  # projections without an activation between them: not an MLP
+            pattern = "mlp"  # an op the rule does not know between them (a custom autograd.Function): a near miss
         if down in claimed or seen_ups & set(ups):
             continue  # the same MLP, reached again from an adapter's projection
         seen_ups |= set(ups)

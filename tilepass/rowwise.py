@@ -261,6 +261,9 @@ def classify(node: fx.Node, num_tokens: Any) -> Verdict:
         return Verdict("elementwise")
 
     mixes = _token_mixing_reason(node, name)
+    if name == "autograd_function_apply":  # Dynamo's form of a custom torch.autograd.Function (Bloom's GeLU)
+        return Verdict("rejected", "a custom torch.autograd.Function (`autograd_function_apply`) is not known to act "
+                                   "row-wise on tokens: its backward is the model's own code")
     return Verdict("rejected", mixes or f"op `{name}` is not known to act row-wise on tokens")
 
 

@@ -12,6 +12,11 @@ MOE_ARCHS = ("gpt_oss", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
 # score-correction bias and clamped renormalisation (ERNIE 4.5), ``type_as`` casts (Granite),
 # a post-norm on the block's output (FlexOlmo), and a router that leaves the graph (JetMoE).
 EXTRA_MOE_ARCHS = ("deepseek_v3", "glm4_moe", "ernie4_5_moe", "granitemoe", "flex_olmo", "jetmoe")
+# More dense block forms (tests/test_hf_models.py): attention and MLP side by side on one
+# norm's output (GPT-J, Falcon, Cohere, GPT-NeoX, Phi-1), a non-gated GELU MLP with biases
+# (StarCoder2), norms after the sublayers (OLMo 2), an MLP written inline in the decoder
+# layer (OPT), and a GELU that is a custom autograd.Function in training (BLOOM).
+EXTRA_DENSE_ARCHS = ("gptj", "falcon", "cohere", "gpt_neox", "phi", "starcoder2", "olmo2", "opt", "bloom")
 _GROUPED = dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, n_shared_experts=1,
                 first_k_dense_replace=0, moe_intermediate_size=48, norm_topk_prob=True, routed_scaling_factor=2.5)
 _EXTRA = {
@@ -23,6 +28,11 @@ _EXTRA = {
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
     "flex_olmo": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48),
     "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "gptj": dict(n_inner=176, rotary_dim=8),
+    "falcon": dict(parallel_attn=True, new_decoder_architecture=False, multi_query=True),
+    "gpt_neox": dict(rotary_pct=0.25),
+    "phi": dict(partial_rotary_factor=0.5),
+    "opt": dict(ffn_dim=176, word_embed_proj_dim=64, dropout=0.0),
 }
 
 _COMMON = dict(
@@ -33,11 +43,13 @@ _COMMON = dict(
 
 
 def tiny_config(arch: str, **overrides: Any):
-    """A small config of family ``arch`` (one of :data:`ARCHS`)."""
+    """A small config of family ``arch`` (one of :data:`ARCHS`, :data:`MOE_ARCHS`,
+    :data:`EXTRA_MOE_ARCHS` or :data:`EXTRA_DENSE_ARCHS`)."""
     import transformers
 
-    if arch not in ARCHS + MOE_ARCHS + EXTRA_MOE_ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS + MOE_ARCHS + EXTRA_MOE_ARCHS)}")
+    known = ARCHS + MOE_ARCHS + EXTRA_MOE_ARCHS + EXTRA_DENSE_ARCHS
+    if arch not in known:
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(known)}")
     if arch == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_inner=256, vocab_size=128, n_positions=256,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
@@ -55,6 +67,10 @@ def tiny_config(arch: str, **overrides: Any):
                   output_router_logits=True, router_aux_loss_coef=0.5)
     if arch in EXTRA_MOE_ARCHS:
         kw.update(_EXTRA[arch], output_router_logits=True, router_aux_loss_coef=0.5)
+    if arch in EXTRA_DENSE_ARCHS:
+        kw.update(_EXTRA.get(arch, {}))
+        if arch == "falcon":
+            kw.pop("head_dim")  # a read-only property there (hidden / heads)
     kw.update(overrides)
     return transformers.AutoConfig.for_model(arch, **kw)
 
