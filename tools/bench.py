@@ -105,7 +105,11 @@ def build_model(args):
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        # MoE: the attention projections by name. PEFT's "all-linear" would also adapt the router
+        # and the fused experts through torch.nn.utils.parametrize, which sends the whole decoder
+        # loop to eager under Dynamo (README, Limitations).
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if args.model == "moe" else "all-linear"
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
     return model
 
 
@@ -283,7 +287,8 @@ def measure(model, variant, seq, ckpt, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["dense", "causal", "moe"], default="dense")
-    p.add_argument("--lora", action="store_true", help="PEFT LoRA r 16 on every linear layer, base frozen")
+    p.add_argument("--lora", action="store_true",
+                   help="PEFT LoRA r 16 on every linear layer (moe: the attention projections), base frozen")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seqs", type=int, nargs="+", default=[16384, 32768, 65536])
     p.add_argument("--variants", default=",".join(VARIANTS))

@@ -16,14 +16,15 @@
 #   causal_max_seq  the longest sequence of the 16-layer causal LM: tilepass+skip, liger, eager
 #   lora         dense stack with PEFT LoRA (r 16, all linear, base frozen) at 64K: tilepass, tilepass+save, eager
 #   causal_lora  causal LM with PEFT LoRA (r 16, all linear, base and LM head frozen) at 64K: eager, liger, tilepass+skip, +save2
+#   moe_lora     MoE stack with PEFT LoRA (r 16 on the attention projections, base frozen) at 64K: eager, tilepass, +save
 #
 # Overrides: SEQS and VARIANTS (for a bench or max_seq run), MODEL (memory_peak: dense, causal or moe), NAME (its JSON file's name),
 # LIMIT (seconds per run, default 540; every run also stops 15 s before TOTAL=580 s in all).
 # Liger and Cut Cross-Entropy (the liger and cce variants): `pip download --no-deps liger-kernel==0.8.5
 # cut-cross-entropy -d .whl` here, carry ".whl".
 set -uo pipefail
-RUNS=" tests suite dense save cudnn moe max_seq memory_peak causal causal_max_seq lora causal_lora "
-[ $# -gt 0 ] || { sed -n '5,18p' "$0"; exit 2; }
+RUNS=" tests suite dense save cudnn moe max_seq memory_peak causal causal_max_seq lora causal_lora moe_lora "
+[ $# -gt 0 ] || { sed -n '5,19p' "$0"; exit 2; }
 for r in "$@"; do
   [[ "$RUNS" == *" $r "* ]] || { echo "unknown run '$r' (valid:$RUNS)"; exit 2; }
 done
@@ -75,5 +76,7 @@ for r in "$@"; do
     lora) bench bench_lora_h200 --lora --layers 4 --seqs ${SEQS:-65536} --variants "${VARIANTS:-tilepass,tilepass+save,eager}" ;;
     causal_lora) bench bench_causal_lora_h200 --model causal --lora --layers 4 --seqs ${SEQS:-65536} \
              --variants "${VARIANTS:-eager,liger,tilepass+skip,tilepass+save2+skip,tilepass+save+skip}" ;;
+    moe_lora) bench bench_moe_lora_h200 --model moe --lora --layers 4 --seqs ${SEQS:-65536} \
+             --variants "${VARIANTS:-eager,tilepass,tilepass+save}" ;;
   esac
 done
