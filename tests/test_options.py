@@ -220,6 +220,12 @@ def test_peft_dequantize_gets_a_traceable_version_for_plain_weights(monkeypatch)
     assert compat.trace_peft_plain_weights(fake, substitute) is True  # once: no second registration
     assert len(registered) == 1
     assert compat.trace_peft_plain_weights(types.SimpleNamespace(), substitute) is False
+
+    def dequantize_more(module):  # a PEFT whose function reads names the known versions do not
+        return module.weight_scale_inv
+
+    assert compat.trace_peft_plain_weights(types.SimpleNamespace(dequantize_module_weight=dequantize_more),
+                                           substitute) is False
     compat._PEFT_SUBSTITUTED.remove(dequantize_module_weight)
     monkeypatch.delattr(torch.compiler, "substitute_in_graph")  # a torch without it
     assert compat.trace_peft_plain_weights(fake) is False
@@ -240,8 +246,14 @@ def test_when_imported_runs_now_or_right_after_the_import(tmp_path, monkeypatch)
     import late_module_for_tilepass  # noqa: F401
 
     assert seen == ["tilepass.compat", 3]
-    assert not any(getattr(f, "name", None) == "late_module_for_tilepass" for f in sys.meta_path)  # once
+    [finder] = [f for f in sys.meta_path if getattr(f, "name", None) == "late_module_for_tilepass"]
+    assert finder.done  # once: it answers no more imports
     del sys.modules["late_module_for_tilepass"]
+
+    def failing(module):
+        raise TypeError("a hook that fails")
+
+    compat.when_imported("tilepass.compat", failing)  # logged, not raised: importing tilepass never fails
 
 
 def test_checkpointed_transformers_layers_are_captured_in_one_graph():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import logging
 import re
@@ -188,6 +189,8 @@ def trace_peft_plain_weights(integrations=None, substitute=None) -> bool:
         return False
     if original in _PEFT_SUBSTITUTED:
         return True
+    if not set(original.__code__.co_names) <= _PEFT_DEQUANTIZE_NAMES:
+        return False  # a PEFT whose function does more than the versions this stands in for
     as_before = types.FunctionType(original.__code__, original.__globals__, original.__name__,
                                    original.__defaults__, original.__closure__)
 
@@ -203,37 +206,55 @@ def trace_peft_plain_weights(integrations=None, substitute=None) -> bool:
 
 
 _PEFT_INTEGRATIONS = "peft.utils.integrations"
+# Every name PEFT's dequantize_module_weight reads (0.17 to 0.21): HQQ's W_q / dequantize,
+# torchao's type check, bitsandbytes' Params4bit / Int8Params. A version that reads any
+# other name may dequantize a plain Parameter too, so it is left to Dynamo as it is.
+_PEFT_DEQUANTIZE_NAMES = frozenset({
+    "Parameter", "Tensor", "TypeError", "__class__", "__module__", "__name__", "dequantize",
+    "dequantize_bnb_weight", "device", "getattr", "hasattr", "isinstance", "nn", "startswith", "to",
+    "torch", "type", "weight"})
 
 
 def when_imported(name: str, hook) -> None:
     """Call ``hook(module)`` once module ``name`` is imported: now if it already is, else
     right after its import (importing PEFT on ``import tilepass`` would cost every user a
-    second or more, and PEFT is often imported after tilepass)."""
+    second or more, and PEFT is often imported after tilepass). The hook's errors are
+    logged, never raised: the module imports as it would without tilepass."""
     if name in sys.modules:
-        hook(sys.modules[name])
+        _run_hook(hook, sys.modules[name])
         return
     sys.meta_path.insert(0, _AfterImport(name, hook))
 
 
+def _run_hook(hook, module) -> None:
+    try:
+        hook(module)
+    except Exception:
+        logging.getLogger(__name__).warning("tilepass: after importing %s", module.__name__, exc_info=True)
+
+
 class _AfterImport(importlib.abc.MetaPathFinder):
+    """Wraps the module's own loader (a per-module ``SourceFileLoader``; any other loader is
+    left alone, and then the hook does not run). It stays in ``sys.meta_path`` (only a
+    rebinding of the list, never an in-place edit, could be safe under threads) and turns
+    itself off once the module has run."""
+
     def __init__(self, name: str, hook) -> None:
-        self.name, self.hook = name, hook
+        self.name, self.hook, self.done = name, hook, False
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
+        if self.done or fullname != self.name:
             return None
-        sys.meta_path.remove(self)  # once; the real finders give the spec
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module, hook = spec.loader.exec_module, self.hook
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
+            return None  # the other finders answer as before
+        exec_module = spec.loader.exec_module
 
         def exec_then_hook(module):
             exec_module(module)
-            try:
-                hook(module)
-            except Exception:  # the module imports as it would without tilepass
-                logging.getLogger(__name__).warning("tilepass: after importing %s", fullname, exc_info=True)
+            if not self.done:
+                self.done = True
+                _run_hook(self.hook, module)
 
         spec.loader.exec_module = exec_then_hook
         return spec

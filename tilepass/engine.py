@@ -150,7 +150,8 @@ class Judge(LayoutAnalysis):
             raise NotTokenwise(f"op `{op_name(node)}` reads rows that moved")
         if verdict.kind == "matmul":  # its token operand in the region, every other operand a weight
             x = node.args[verdict.token_arg]
-            if isinstance(ins.get(x, EXT), Ext) or any(not isinstance(la, Ext) for a, la in ins.items() if a is not x):
+            others = [a for i, a in enumerate(node.args) if i != verdict.token_arg and isinstance(a, fx.Node)]
+            if isinstance(ins.get(x, EXT), Ext) or any(not isinstance(ins[a], Ext) for a in others):  # by position: h @ h is no projection
                 raise NotTokenwise(f"op `{op_name(node)}` is not a projection of the region's rows by a weight")
         for a, la in ins.items():
             if isinstance(la, Ext) and verdict.kind != "matmul" and not rowwise.broadcasts_over_features(example_value(a)):

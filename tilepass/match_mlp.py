@@ -164,9 +164,16 @@ def find_mlps(graph: fx.Graph) -> tuple[list[MlpMatch], list[Rejection]]:
         if not ups:
             continue
         if pattern is None:
-            if all(rowwise.classify(n, num_tokens).ok for n in inner):
-                continue  # projections without an activation between them: not an MLP
-            pattern = "mlp"  # an op the rule does not know between them (a custom autograd.Function): a near miss
+            # Projections without an activation between them are not an MLP. One exception is
+            # recorded as a near miss: a custom autograd.Function between them (BLOOM's GELU in
+            # training), which is where a model's own activation hides from the rule.
+            custom = [n for n in inner if op_name(n) == "autograd_function_apply"]
+            unknown = [n for n in inner if not rowwise.classify(n, num_tokens).ok]
+            if custom and unknown == custom and down not in claimed:
+                nodes = sorted({*ups, *inner, down}, key=order)
+                rejections.append(Rejection(down, rowwise.classify(custom[0], num_tokens).reason,
+                                            common_module(nodes), "mlp", nodes))
+            continue
         if down in claimed or seen_ups & set(ups):
             continue  # the same MLP, reached again from an adapter's projection
         seen_ups |= set(ups)
