@@ -206,7 +206,7 @@ def trace_peft_plain_weights(integrations=None, substitute=None) -> bool:
 
 
 _PEFT_INTEGRATIONS = "peft.utils.integrations"
-# Every name PEFT's dequantize_module_weight reads (0.17 to 0.21): HQQ's W_q / dequantize,
+# Every name PEFT's dequantize_module_weight reads (as of PEFT 0.21): HQQ's W_q / dequantize,
 # torchao's type check, bitsandbytes' Params4bit / Int8Params. A version that reads any
 # other name may dequantize a plain Parameter too, so it is left to Dynamo as it is.
 _PEFT_DEQUANTIZE_NAMES = frozenset({
