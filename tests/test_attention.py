@@ -50,6 +50,7 @@ def test_length_multiple_per_version_and_device(monkeypatch, version, device, mu
     assert flex_versions.length_multiple(device) == multiple
 
 
+@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
 @pytest.mark.parametrize("multiple,seq", [(128, 40), (128, 77), (128, 200), (None, 128)])
 def test_compiled_flex_matches_sdpa_at_every_call(monkeypatch, multiple, seq):
     """The CPU flex kernel (torch 2.13) got some rows wrong, at random, in about one call
@@ -226,6 +227,7 @@ def _route_and_compare(arch, impl, pad, pattern):
             assert n.target is not F.scaled_dot_product_attention
 
 
+@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
 @pytest.mark.parametrize("arch,pad,pattern", [
     # an unpadded causal mask: is_causal (transformers 5.24), or a mask folded to kv <= q (5.17)
     ("llama", False, {"causal", "mask(kv_idx,q_idx)"}), ("llama", True, "mask(b,kv_idx,q_idx)"),
@@ -235,6 +237,7 @@ def test_eval_routing_matches_sdpa(arch, pad, pattern):
     _route_and_compare(arch, "sdpa", pad, pattern)
 
 
+@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
 @pytest.mark.parametrize("arch,pad,pattern", [
     ("gemma2", True, "eager+softcap(50)+mask(b,kv_idx,q_idx)"),
     ("gemma2", False, "eager+softcap(50)+mask(kv_idx,q_idx)"),
@@ -437,6 +440,7 @@ def test_mask_ops_recorded_as_tensor_dunders_are_lifted():
     assert torch.equal(got.expand(1, 1, 8, 8)[0, 0], torch.ones(8, 8, dtype=torch.bool).tril())
 
 
+@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_packed_documents_are_routed(impl):
     """Packed sequences: position_ids restart at each document; transformers turns the
@@ -578,6 +582,7 @@ def test_additive_mask_read_from_an_offset_slice_is_left_alone(monkeypatch):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
 def test_static_kv_cache_writes_survive_the_rewrite():
     """Prefill with a StaticCache: the cache writes (unused index_copy_ results) stay in the
     rewritten graph, so the cache holds the same keys/values as an eager prefill."""
@@ -649,6 +654,7 @@ def test_folded_constants_propagate_through_the_mask_program(eq):
     assert is_plain_causal(lifted)
 
 
+@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
 @pytest.mark.parametrize("dynamic", [None, False])
 def test_varying_sequence_lengths(dynamic):
     """A second length makes Dynamo compile a dynamic-shape graph; routing that is not
@@ -793,6 +799,7 @@ def test_plain_causal_llama_trains_through_sdpa_in_checkpointed_layers():
     assert [r.kernel for r in rewritten("attention")] == ["sdpa", "sdpa"] and len(rewritten("mlp")) == 2
 
 
+@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
 def test_attention_kernel_flex_keeps_causal_on_flex():
     model = tiny_model("llama", attn_implementation="eager", num_hidden_layers=1).eval()
     ids = torch.randint(3, 128, (2, 30))

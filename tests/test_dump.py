@@ -118,6 +118,7 @@ def test_cli_dump(tmp_path):
     assert res.returncode == 2 and "unknown tilepass option 'num_tile'" in res.stderr
 
 
+@pytest.mark.simd  # the second call compiles flex attention for the CPU (conftest.py)
 def test_cli_explain(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, out, _ = _explain(capsys, "--arch", "gpt2", "--seq", "12", "--eval")
