@@ -50,6 +50,23 @@ def _simd_where_marked(request, monkeypatch):
     cpu_vec_isa.valid_vec_isa_list.cache_clear()
 
 
+@pytest.fixture
+def routed_graph_on_aot_eager(monkeypatch):
+    """For routing tests where inductor's kernels are not what is under test: tilepass decides
+    everything as for downstream='inductor' (the only downstream that routes attention), then
+    hands the rewritten graph to aot_eager, which runs flex attention through its eager
+    implementation. The same rewrites compiled by inductor are tested where marked simd."""
+    import importlib
+
+    module = importlib.import_module("tilepass.backend")  # the module; tilepass.backend is the function
+    compile_downstream = module.compile_downstream
+
+    def on_aot_eager(gm, example_inputs, downstream, mode, patches=None):
+        return compile_downstream(gm, example_inputs, "aot_eager" if downstream == "inductor" else downstream, mode, patches)
+
+    monkeypatch.setattr(module, "compile_downstream", on_aot_eager)
+
+
 # transformers computes the loss in float32 (`logits.float()`), also in a float64 model; the
 # tiled loss region adds its tiles' sums in another order than eager's float32 sum, so the
 # loss *value* is compared at float32 rounding. Logits and every gradient keep the test's own

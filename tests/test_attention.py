@@ -204,6 +204,13 @@ def _routed_graphs(model, inputs, **options):
     return out, graphs
 
 
+def _on_aot_eager_unless_simd(request):
+    """Most routing cases run the routed graph on aot_eager (conftest.routed_graph_on_aot_eager);
+    the cases marked simd, one per kind of mask_mod/score_mod, have inductor compile it."""
+    if request.node.get_closest_marker("simd") is None:
+        request.getfixturevalue("routed_graph_on_aot_eager")
+
+
 def _route_and_compare(arch, impl, pad, pattern):
     """Route a tiny model's attention to flex in eval; its logits equal the unrouted model's
     (float32, on positions with a key to attend to); no [Q, KV] tensor and no SDPA are left."""
@@ -227,25 +234,26 @@ def _route_and_compare(arch, impl, pad, pattern):
             assert n.target is not F.scaled_dot_product_attention
 
 
-@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
 @pytest.mark.parametrize("arch,pad,pattern", [
     # an unpadded causal mask: is_causal (transformers 5.24), or a mask folded to kv <= q (5.17)
     ("llama", False, {"causal", "mask(kv_idx,q_idx)"}), ("llama", True, "mask(b,kv_idx,q_idx)"),
-    ("mistral", False, "mask(kv_idx,q_idx)"), ("mistral", True, "mask(b,kv_idx,q_idx)"),
+    ("mistral", False, "mask(kv_idx,q_idx)"),
+    pytest.param("mistral", True, "mask(b,kv_idx,q_idx)", marks=pytest.mark.simd),  # sliding window + padding
 ])
-def test_eval_routing_matches_sdpa(arch, pad, pattern):
+def test_eval_routing_matches_sdpa(request, arch, pad, pattern):
+    _on_aot_eager_unless_simd(request)
     _route_and_compare(arch, "sdpa", pad, pattern)
 
 
-@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
 @pytest.mark.parametrize("arch,pad,pattern", [
-    ("gemma2", True, "eager+softcap(50)+mask(b,kv_idx,q_idx)"),
+    pytest.param("gemma2", True, "eager+softcap(50)+mask(b,kv_idx,q_idx)", marks=pytest.mark.simd),  # score_mod + mask_mod
     ("gemma2", False, "eager+softcap(50)+mask(kv_idx,q_idx)"),
     ("llama", True, "eager+mask(b,kv_idx,q_idx)"),
 ])
-def test_eager_attention_form_is_routed(arch, pad, pattern):
+def test_eager_attention_form_is_routed(request, arch, pad, pattern):
     """softmax(q @ repeat_kv(k)^T * scale [, tanh softcap] + where(mask, 0, min)) @ v: the
     softcap becomes a score_mod, the additive mask a mask_mod, repeat_kv becomes GQA."""
+    _on_aot_eager_unless_simd(request)
     _route_and_compare(arch, "eager", pad, pattern)
 
 
@@ -440,12 +448,12 @@ def test_mask_ops_recorded_as_tensor_dunders_are_lifted():
     assert torch.equal(got.expand(1, 1, 8, 8)[0, 0], torch.ones(8, 8, dtype=torch.bool).tril())
 
 
-@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_packed_documents_are_routed(impl):
+@pytest.mark.parametrize("impl", [pytest.param("sdpa", marks=pytest.mark.simd), "eager"])  # simd: a gathering mask_mod
+def test_packed_documents_are_routed(request, impl):
     """Packed sequences: position_ids restart at each document; transformers turns the
     restarts into document ids, and the lifted mask gathers them (no attention across
     documents). Outputs equal the unrouted model's."""
+    _on_aot_eager_unless_simd(request)
     model = tiny_model("llama", attn_implementation=impl, num_hidden_layers=1).eval()
     ids = torch.randint(3, 128, (2, 150))
     lengths = [[60, 50, 40], [100, 50]]
@@ -582,8 +590,7 @@ def test_additive_mask_read_from_an_offset_slice_is_left_alone(monkeypatch):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
-def test_static_kv_cache_writes_survive_the_rewrite():
+def test_static_kv_cache_writes_survive_the_rewrite(routed_graph_on_aot_eager):
     """Prefill with a StaticCache: the cache writes (unused index_copy_ results) stay in the
     rewritten graph, so the cache holds the same keys/values as an eager prefill."""
     from transformers import StaticCache
@@ -654,13 +661,12 @@ def test_folded_constants_propagate_through_the_mask_program(eq):
     assert is_plain_causal(lifted)
 
 
-@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
 @pytest.mark.parametrize("dynamic", [None, False])
-def test_varying_sequence_lengths(dynamic):
+def test_varying_sequence_lengths(routed_graph_on_aot_eager, dynamic):
     """A second length makes Dynamo compile a dynamic-shape graph; routing that is not
     supported yet (flex_versions.symbolic_lengths_supported), so it stays SDPA with the
     reason. With dynamic=False every length gets its own routed graph. Outputs stay right.
-    (One layer: each length's graph compiles flex attention, the slow part on CPU.)"""
+    (On aot_eager: what is tested is which graphs are routed, not inductor's kernels.)"""
     model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=1).eval()
     fn = torch.compile(model, backend="tilepass", options=dict(mlp=False), dynamic=dynamic)
     for seq in (40, 56, 77) if dynamic is None else (40, 56):
@@ -799,8 +805,7 @@ def test_plain_causal_llama_trains_through_sdpa_in_checkpointed_layers():
     assert [r.kernel for r in rewritten("attention")] == ["sdpa", "sdpa"] and len(rewritten("mlp")) == 2
 
 
-@pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
-def test_attention_kernel_flex_keeps_causal_on_flex():
+def test_attention_kernel_flex_keeps_causal_on_flex(routed_graph_on_aot_eager):
     model = tiny_model("llama", attn_implementation="eager", num_hidden_layers=1).eval()
     ids = torch.randint(3, 128, (2, 30))
     with torch.no_grad():

@@ -118,8 +118,7 @@ def test_cli_dump(tmp_path):
     assert res.returncode == 2 and "unknown tilepass option 'num_tile'" in res.stderr
 
 
-@pytest.mark.simd  # the second call compiles flex attention for the CPU (conftest.py)
-def test_cli_explain(tmp_path, monkeypatch, capsys):
+def test_cli_explain(tmp_path, monkeypatch, capsys, routed_graph_on_aot_eager):  # what explain prints, not inductor's kernels
     monkeypatch.chdir(tmp_path)
     code, out, _ = _explain(capsys, "--arch", "gpt2", "--seq", "12", "--eval")
     assert code == 0
