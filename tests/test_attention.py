@@ -257,7 +257,7 @@ def test_eager_attention_form_is_routed(request, arch, pad, pattern):
     _route_and_compare(arch, "eager", pad, pattern)
 
 
-def test_attention_sinks_on_cpu_are_left_alone_with_a_reason():
+def test_attention_sinks_on_cpu_are_left_alone_with_a_reason(routed_graph_on_aot_eager):
     model = tiny_model("gpt_oss", attn_implementation="eager", num_hidden_layers=1).eval()
     ids = torch.randint(3, 128, (1, 16))
     with torch.no_grad():
@@ -325,7 +325,7 @@ def test_sinks_renormalisation_equals_a_softmax_with_an_extra_column():
     torch.testing.assert_close(got, probs @ vr, rtol=1e-5, atol=1e-5)
 
 
-def test_training_on_cpu_is_not_routed_to_flex_and_stays_exact():
+def test_training_on_cpu_is_not_routed_to_flex_and_stays_exact(routed_graph_on_aot_eager):
     model = tiny_model("llama", attn_implementation="sdpa")
     ids = torch.randint(3, 128, (2, 24))
     am = torch.ones(2, 24, dtype=torch.long)
@@ -790,12 +790,13 @@ def test_plain_causal_trains_on_sdpa_exactly(eager_form, ckpt):
                 assert not (isinstance(v, torch.Tensor) and tuple(v.shape[-2:]) == (37, 37)), n.name
 
 
-def test_plain_causal_llama_trains_through_sdpa_in_checkpointed_layers():
+def test_plain_causal_llama_trains_through_sdpa_in_checkpointed_layers(routed_graph_on_aot_eager):
     """A transformers Llama with layer checkpointing (the benchmark's setting: under compile
     it builds a dense mask from positions): both sites go to SDPA is_causal, the MLPs are
     tiled, and a float64 training step matches eager (to the tolerance test_hf_models uses
     against eager: transformers' RoPE is float32, and inductor fuses it differently; the
-    float64-exact check is test_plain_causal_trains_on_sdpa_exactly)."""
+    float64-exact check is test_plain_causal_trains_on_sdpa_exactly). The same step compiled by
+    inductor: test_save_attention.test_saved_attention_in_a_checkpointed_llama."""
     from conftest import assert_close_results, checkpointed_llama_step, train_step
 
     model, inputs, weights = checkpointed_llama_step()
@@ -935,7 +936,7 @@ def test_symbolic_constant_facts_agree_with_evaluation(name, build):
     assert proved == expected.get(name), (name, proved)
 
 
-def test_transformers_masks_route_to_sdpa_under_dynamic_lengths():
+def test_transformers_masks_route_to_sdpa_under_dynamic_lengths(routed_graph_on_aot_eager):
     """Layer checkpointing and varying lengths: the third length compiles a graph with a
     symbolic length. Its positions and document ids are an arange and zeros, proved without
     evaluating, so the mask is plain causal and goes to SDPA's kernel (flex is not routed
@@ -1023,7 +1024,7 @@ def test_eager_form_with_a_non_positive_scale_is_not_sent_to_sdpa(scale):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_scale_from_the_graph_is_declined_not_a_crash():
+def test_a_scale_from_the_graph_is_declined_not_a_crash(routed_graph_on_aot_eager):
     """dynamic=True can make a module float (transformers' ``self.scaling``) a graph input,
     so SDPA's scale is a graph value: the site is left alone with the reason (before, the
     kernel choice compared a graph node with 0 and the compile failed). End to end, such a
@@ -1058,7 +1059,7 @@ def test_a_scale_from_the_graph_is_declined_not_a_crash():
                                    model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_grad_turned_on_inside_a_no_grad_call_counts_as_training():
+def test_grad_turned_on_inside_a_no_grad_call_counts_as_training(routed_graph_on_aot_eager):
     """A compiled function called under no_grad that enables grad inside: its attention is
     trained, so a padded (flex) site is not routed on CPU (flex has no CPU backward), and
     the gradients equal eager's (it failed to compile before)."""

@@ -79,6 +79,7 @@ def test_saved_attention_in_a_checkpointed_llama():
         model.zero_grad(set_to_none=True)
     assert [(_layer(r.module), r.pattern) for r in rewritten("checkpoint")] == [
         ("layers.0", "save_attention"), ("layers.1", "save_attention")]
+    assert [r.kernel for r in rewritten("attention")] == ["sdpa", "sdpa"] and len(rewritten("mlp")) == 2
     # named as in Dynamo's graph, like the attention rows: the dump page marks those nodes
     assert [r.nodes for r in rewritten("checkpoint")] == [r.nodes for r in rewritten("attention")]
     assert_close_results(results[True], results[False], rtol=1e-10, atol=1e-10, what="saved vs recomputed")
