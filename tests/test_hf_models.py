@@ -100,8 +100,9 @@ def test_every_mlp_tiled_exactly_inductor(arch):
     lost tile is off by orders of magnitude more. Every float64 op of ours is exact, which
     test_every_mlp_tiled_exactly_aot_eager and the hand-written inductor tests check at 1e-10.
     Eager attention: torch 2.11's inductor fails the float64 CPU SDPA backward with a mask
-    ("expected scalar type Double but found Float") without tilepass too."""
-    model, inputs, weights = _setup(arch, attn_implementation="eager")
+    ("expected scalar type Double but found Float") without tilepass too. One layer: a second
+    compiles to the same kernels (two tiled layers under inductor: test_layer_checkpointing)."""
+    model, inputs, weights = _setup(arch, attn_implementation="eager", num_hidden_layers=1)
     eager = train_step(model, inputs, weights)
     plain = train_step(model, inputs, weights, call=torch.compile(model, backend="inductor"))
     tilepass.reset()

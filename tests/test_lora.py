@@ -115,14 +115,15 @@ def test_frozen_base_gets_no_gradient_computed_or_returned(monkeypatch):
 
 
 def test_inductor_downstream():
-    model = _peft_model("qwen3", MLP_ONLY)
+    """One layer: a second compiles to the same kernels (two LoRA'd layers: the tests above)."""
+    model = _peft_model("qwen3", MLP_ONLY, num_hidden_layers=1)
     inputs, weights = _inputs()
     plain = train_step(model, inputs, weights, call=torch.compile(model, backend="inductor"))
     tilepass.reset()
     compiled = torch.compile(model, backend="tilepass", options=dict(num_tiles=5, attention=False, loss=False))
     got = train_step(model, inputs, weights, call=compiled)
     assert_close_results(got, plain, rtol=1e-7, atol=1e-8)  # RoPE in float32: see test_hf_models
-    assert len(rewritten()) == 2
+    assert len(rewritten()) == 1
 
 
 @pytest.mark.parametrize("kind", ["mlp", "moe"])

@@ -18,8 +18,8 @@ from conftest import LOSS_RTOL, rejected, rewritten
 BATCH, SEQ = 2, 37
 
 
-def _setup(arch, impl, dtype):
-    model = tiny_model(arch, experts_implementation=impl).to(dtype)
+def _setup(arch, impl, dtype, **overrides):
+    model = tiny_model(arch, experts_implementation=impl, **overrides).to(dtype)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (BATCH, SEQ), generator=g)
     logit_w = torch.randn(BATCH, SEQ, 128, generator=g, dtype=dtype)
@@ -96,11 +96,13 @@ def test_tile_counts_mixtral(tiles):
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "qwen3_moe"])
 def test_inductor(arch):
-    model, inputs, weights = _setup(arch, "grouped_mm", torch.float32)
+    """One layer: a second block compiles to the same kernels (two-layer models, every MoE
+    family: test_batched_mm_float64 and test_grouped_mm_float32 above, on aot_eager)."""
+    model, inputs, weights = _setup(arch, "grouped_mm", torch.float32, num_hidden_layers=1)
     want = _step(model, inputs, weights)
     got = _step(model, inputs, weights, call=torch.compile(model, backend="tilepass", options=dict(num_tiles=5)))
     _compare(got, want, 1e-3, 1e-4)  # float32, inductor-fused vs eager kernels
-    assert len(rewritten("moe")) == 2
+    assert len(rewritten("moe")) == 1
 
 
 def test_eager_experts_are_left_alone_and_exact():
