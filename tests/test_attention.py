@@ -205,8 +205,10 @@ def _routed_graphs(model, inputs, **options):
 
 
 def _on_aot_eager_unless_simd(request):
-    """Most routing cases run the routed graph on aot_eager (conftest.routed_graph_on_aot_eager);
-    the cases marked simd, one per kind of mask_mod/score_mod, have inductor compile it."""
+    """Routing cases run the routed graph on aot_eager (conftest.routed_graph_on_aot_eager),
+    except the one marked simd: a model whose flex call has a score_mod (softcap) and a mask_mod
+    reading a captured tensor (padding), compiled by inductor. Inductor's flex kernel itself
+    (lengths, padding, GQA): test_compiled_flex_matches_sdpa_at_every_call."""
     if request.node.get_closest_marker("simd") is None:
         request.getfixturevalue("routed_graph_on_aot_eager")
 
@@ -238,7 +240,7 @@ def _route_and_compare(arch, impl, pad, pattern):
     # an unpadded causal mask: is_causal (transformers 5.24), or a mask folded to kv <= q (5.17)
     ("llama", False, {"causal", "mask(kv_idx,q_idx)"}), ("llama", True, "mask(b,kv_idx,q_idx)"),
     ("mistral", False, "mask(kv_idx,q_idx)"),
-    pytest.param("mistral", True, "mask(b,kv_idx,q_idx)", marks=pytest.mark.simd),  # sliding window + padding
+    ("mistral", True, "mask(b,kv_idx,q_idx)"),
 ])
 def test_eval_routing_matches_sdpa(request, arch, pad, pattern):
     _on_aot_eager_unless_simd(request)
@@ -448,7 +450,7 @@ def test_mask_ops_recorded_as_tensor_dunders_are_lifted():
     assert torch.equal(got.expand(1, 1, 8, 8)[0, 0], torch.ones(8, 8, dtype=torch.bool).tril())
 
 
-@pytest.mark.parametrize("impl", [pytest.param("sdpa", marks=pytest.mark.simd), "eager"])  # simd: a gathering mask_mod
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_packed_documents_are_routed(request, impl):
     """Packed sequences: position_ids restart at each document; transformers turns the
     restarts into document ids, and the lifted mask gathers them (no attention across

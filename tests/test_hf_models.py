@@ -91,23 +91,26 @@ INDUCTOR_ARCHS = ("llama", "gemma2", "phi3", "gpt2")
 
 @pytest.mark.parametrize("arch", INDUCTOR_ARCHS)
 def test_every_mlp_tiled_exactly_inductor(arch):
-    """tilepass+inductor vs plain inductor, float64. Not every op is float64 in a float64
-    transformers model: RoPE's angles and the loss (`logits.float()`) are float32, and inductor
-    fuses and reduces those float32 parts differently in the graph around the tiled regions
-    (and differently again from eager). On the SIMD-free CPU code the suite compiles
-    (conftest.py) that leaves ~5e-8 of a gradient's scale between the two compiled runs (4e-6
-    on an embedding gradient of size 100) and ~4e-7 of it from eager; a wrong tile offset or a
-    lost tile is off by orders of magnitude more. Every float64 op of ours is exact, which
-    test_every_mlp_tiled_exactly_aot_eager and the hand-written inductor tests check at 1e-10.
-    Eager attention: torch 2.11's inductor fails the float64 CPU SDPA backward with a mask
-    ("expected scalar type Double but found Float") without tilepass too. One layer: a second
-    compiles to the same kernels (two tiled layers under inductor: test_layer_checkpointing)."""
+    """tilepass+inductor vs eager, float64, and on llama vs plain inductor too. Not every op is
+    float64 in a float64 transformers model: RoPE's angles and the loss (`logits.float()`) are
+    float32, and inductor fuses and reduces those float32 parts differently in the graph around
+    the tiled regions (and differently again from eager). On the SIMD-free CPU code the suite
+    compiles (conftest.py) that leaves ~5e-8 of a gradient's scale between the two compiled
+    runs (4e-6 on an embedding gradient of size 100) and ~4e-7 of it from eager; a wrong tile
+    offset or a lost tile is off by orders of magnitude more. Every float64 op of ours is
+    exact, which test_every_mlp_tiled_exactly_aot_eager and the hand-written inductor tests
+    check at 1e-10. Eager attention: torch 2.11's inductor fails the float64 CPU SDPA backward
+    with a mask ("expected scalar type Double but found Float") without tilepass too. One
+    layer: a second compiles to the same kernels (two tiled layers under inductor:
+    test_layer_checkpointing)."""
     model, inputs, weights = _setup(arch, attn_implementation="eager", num_hidden_layers=1)
     eager = train_step(model, inputs, weights)
-    plain = train_step(model, inputs, weights, call=torch.compile(model, backend="inductor"))
+    # plain inductor once, on the SwiGLU: how close two compiled graphs of one model come
+    plain = train_step(model, inputs, weights, call=torch.compile(model, backend="inductor")) if arch == "llama" else None
     tilepass.reset()
     got = _tiled(model, inputs, weights, num_tiles=5, attention=False)  # routed attention: test_attention.py
-    assert_close_results(got, plain, rtol=1e-7, atol=1e-8, atol_of_scale=1e-7, what=f"{arch} vs inductor")
+    if plain is not None:
+        assert_close_results(got, plain, rtol=1e-7, atol=1e-8, atol_of_scale=1e-7, what=f"{arch} vs inductor")
     assert_close_results(got, eager, rtol=1e-4, atol=1e-5, atol_of_scale=1e-6, what=f"{arch} vs eager")
     assert len({r.module for r in rewritten()}) == model.config.num_hidden_layers
 
@@ -129,5 +132,4 @@ def test_layer_checkpointing(downstream):
     # inductor: float64 sums reduced in another order around the tiled regions (~2e-10 of 0.03)
     tol = 1e-10 if downstream == "aot_eager" else 1e-8
     assert_close_results(got, want, rtol=tol, atol=tol)
-    assert len(rewritten()) == 2
-    assert {r.module for r in rewritten()} == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert sorted(r.module for r in rewritten()) == ["model.layers.0.mlp", "model.layers.1.mlp"]
