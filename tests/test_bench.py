@@ -29,14 +29,16 @@ def _bench(tmp_path, monkeypatch, *args):
 
 # Every variant runs once with layer checkpointing (the benchmark's setting), and the two
 # whose rows differ without it run once without; one test per setting, so xdist runs them
-# side by side. The variants whose rows depend on attention routing run under inductor
-# (routing follows the downstream compiler); the others under aot_eager.
+# side by side. The variants whose rows depend on attention routing ask for inductor
+# (routing follows the downstream compiler), and what tilepass then hands inductor runs on
+# aot_eager (conftest.routed_graph_on_aot_eager): the rows are the point, and the headline
+# setting compiled by inductor end to end is test_causal_smoke's.
 @pytest.mark.parametrize("ckpt,variants,downstream", [
     ("on", "eager,tilepass-mlp,tilepass+save,tilepass+save-nothing", "aot_eager"),
     ("on", "tilepass,tilepass+flex", "inductor"),
     ("off", "tilepass@16,tilepass+save", "aot_eager"),
 ])
-def test_dense_smoke(tmp_path, monkeypatch, ckpt, variants, downstream):
+def test_dense_smoke(tmp_path, monkeypatch, routed_graph_on_aot_eager, ckpt, variants, downstream):
     data = _bench(tmp_path, monkeypatch, "--seqs", "48", "--variants", variants, "--ckpt", ckpt,
                   "--downstream", downstream)
     rows = {r["variant"]: r for r in data["rows"]}

@@ -118,18 +118,16 @@ def test_every_mlp_tiled_exactly_inductor(arch):
 @pytest.mark.parametrize("downstream", ["aot_eager", "inductor"])
 def test_layer_checkpointing(downstream):
     """With gradient checkpointing each layer is a tag_activation_checkpoint body: its MLP
-    is tiled inside the body, and the result is still exact."""
+    is tiled inside the body, and the result is still exact: to 1e-10 under aot_eager, and
+    under inductor to the float32 parts' tolerance of test_every_mlp_tiled_exactly_inductor."""
     model, inputs, weights = _setup("llama", attn_implementation="eager")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    if downstream == "inductor":
-        want = train_step(model, inputs, weights, call=torch.compile(model, backend="inductor"))
-        tilepass.reset()
-    else:
-        want = train_step(model, inputs, weights)
+    want = train_step(model, inputs, weights)
     # attention=False: routed eager-form attention drops its float32 softmax (test_attention.py)
     got = _tiled(model, inputs, weights, downstream=downstream, num_tiles=5, attention=False)
-    # inductor: float64 sums reduced in another order around the tiled regions (~2e-10 of 0.03)
-    tol = 1e-10 if downstream == "aot_eager" else 1e-8
-    assert_close_results(got, want, rtol=tol, atol=tol)
+    if downstream == "aot_eager":
+        assert_close_results(got, want, rtol=1e-10, atol=1e-10)
+    else:
+        assert_close_results(got, want, rtol=1e-4, atol=1e-5, atol_of_scale=1e-6)
     assert sorted(r.module for r in rewritten()) == ["model.layers.0.mlp", "model.layers.1.mlp"]

@@ -396,7 +396,7 @@ _RSS_SCRIPT = r"""
 import resource, sys, threading, time, torch, torch.nn as nn, torch.nn.functional as F
 torch.manual_seed(0)
 torch.set_num_threads(1)
-N, H, V = 2048, 32, 65536  # one [N, V] float32 tensor: 512 MiB
+N, H, V = 1024, 32, 65536  # one [N, V] float32 tensor: 256 MiB
 class M(nn.Module):
     def __init__(self):
         super().__init__(); self.embed = nn.Embedding(V, H); self.lm_head = nn.Linear(H, V, bias=False)
@@ -445,7 +445,7 @@ def test_step_rss_with_skip_logits_is_a_fraction_of_inductor(tmp_path):
 
     plain, tiled = rise("inductor"), rise("tilepass")
     print(f"step RSS rise: inductor {plain / 2**20:.0f} MiB, tilepass skip_logits {tiled / 2**20:.0f} MiB")
-    assert plain > 2 * 512 * 2**20  # at least two [tokens, vocab] float32 tensors
+    assert plain > 2 * 256 * 2**20  # at least two [tokens, vocab] float32 tensors
     assert tiled < plain / 8, (tiled, plain)
 
 
