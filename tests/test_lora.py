@@ -227,7 +227,7 @@ def test_lora_on_moe_expert_weights_is_left_alone_with_the_reason():
     tiled, the result is eager's, and each MoE block's record names the cause."""
     from tilepass.tiny_models import tiny_model as build
 
-    model = build("qwen3_moe", experts_implementation="batched_mm").double()
+    model = build("qwen3_moe", experts_implementation="batched_mm", num_hidden_layers=1).double()  # graph breaks in each block
     torch.manual_seed(5)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
                              target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
@@ -237,10 +237,10 @@ def test_lora_on_moe_expert_weights_is_left_alone_with_the_reason():
     compiled = torch.compile(model, backend="tilepass", options=dict(downstream="aot_eager", num_tiles=5, loss=False))
     got = train_step(model, inputs, weights, call=compiled)
     assert_close_results(got, want, rtol=1e-10, atol=1e-10)
-    assert sum("lora_" in n for n in got[2]) == 8  # A and B of two expert weights, two layers
+    assert sum("lora_" in n for n in got[2]) == 4  # A and B of two expert weights
     assert not rewritten("moe")
     reasons = [r.reason for r in rejected("moe")]
-    assert len(reasons) == 2 and all("target_parameters" in r for r in reasons), reasons
+    assert len(reasons) == 1 and all("target_parameters" in r for r in reasons), reasons
 
 
 def test_dora_mlps_tiled_exactly_in_one_graph():

@@ -26,8 +26,8 @@ BATCH, SEQ = 2, 37
 FLOAT32_ROUTER = {"deepseek_v3", "glm4_moe", "ernie4_5_moe"}
 
 
-def _model(arch):
-    model = tiny_model(arch, experts_implementation="batched_mm").double()
+def _model(arch, **overrides):
+    model = tiny_model(arch, experts_implementation="batched_mm", **overrides).double()
     torch.manual_seed(4)
     with torch.no_grad():  # a score-correction bias that matters; no all-zero router
         for name, b in model.named_buffers():
@@ -39,8 +39,8 @@ def _model(arch):
     return model
 
 
-def _run(arch, **options):
-    model = _model(arch)
+def _run(arch, layers=None, **options):
+    model = _model(arch, **({} if layers is None else dict(num_hidden_layers=layers)))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (BATCH, SEQ), generator=g)
     inputs, weights = dict(input_ids=ids, labels=ids), torch.randn(BATCH, SEQ, 128, generator=g, dtype=torch.float64)
@@ -68,7 +68,7 @@ def test_group_limited_router_one_tile_is_eager():
 
 
 def test_router_that_leaves_the_graph_is_recorded():
-    got, want = _run("jetmoe", num_tiles=5)
+    got, want = _run("jetmoe", layers=1, num_tiles=5)  # Dynamo breaks the graph in every block: one is enough
     assert_close_results(got, want, rtol=1e-10, atol=1e-10)
     assert not rewritten("moe")
     reasons = [r.reason for r in rejected("moe")]
