@@ -16,8 +16,12 @@ if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
 # tilepass+inductor, 49 s with them and 23 s without, on 2 cores. Exported, so the processes
 # tests start inherit it; a value set by hand wins (TORCHINDUCTOR_VEC_ISA_OK=1 runs the suite
 # with vectorized kernels). Tests marked `simd` (inductor's CPU flex-attention template has no
-# scalar form) get the ISA back.
-os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
+# scalar form) run in a pytest process of their own with the vector ISA on
+# (pytest_pyfunc_call below): switched inside one process, code generated for one setting
+# was compiled for the other.
+_SIMD_CHILD = os.environ.get("TILEPASS_TEST_SIMD") == "1"
+if not _SIMD_CHILD:
+    os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -35,22 +39,20 @@ def _fresh_tilepass():
     tilepass.reset()
 
 
-@pytest.fixture(autouse=True)
-def _simd_where_marked(request):
-    """`@pytest.mark.simd`: inductor picks this CPU's vector ISA again for the test. The list
-    of usable ISAs is cached on its first use with whatever the setting was then, so it is
-    computed again here (and after the test, for the SIMD-free tests that follow). Through
-    inductor's own config.patch: pytest 9.2's monkeypatch deletes an instance attribute it
-    set on undo, and deleting a torch config entry removes the option."""
-    if request.node.get_closest_marker("simd") is None:
-        yield
-        return
-    from torch._inductor import config, cpu_vec_isa
+def pytest_pyfunc_call(pyfuncitem):
+    """A test marked simd, in a SIMD-free process: run it in a child pytest with inductor's
+    vector ISA on, and pass or fail with it."""
+    if pyfuncitem.get_closest_marker("simd") is None or _SIMD_CHILD or os.environ.get("TORCHINDUCTOR_VEC_ISA_OK") != "0":
+        return None
+    import subprocess
+    import sys
 
-    with config.patch({"cpp.vec_isa_ok": None}):
-        cpu_vec_isa.valid_vec_isa_list.cache_clear()
-        yield
-    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    env = dict(os.environ, TILEPASS_TEST_SIMD="1")
+    env.pop("TORCHINDUCTOR_VEC_ISA_OK")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=pyfuncitem.config.rootpath, timeout=600)
+    assert res.returncode == 0, f"{' '.join(cmd)} (vector ISA on) failed:\n{res.stdout[-6000:]}{res.stderr[-2000:]}"
+    return True
 
 
 @pytest.fixture
@@ -58,7 +60,7 @@ def routed_graph_on_aot_eager(monkeypatch):
     """For routing tests where inductor's kernels are not what is under test: tilepass decides
     everything as for downstream='inductor' (the only downstream that routes attention), then
     hands the rewritten graph to aot_eager, which runs flex attention through its eager
-    implementation. The same rewrites compiled by inductor are tested where marked simd."""
+    implementation. The same rewrites compiled by inductor: the tests marked simd."""
     import importlib
 
     module = importlib.import_module("tilepass.backend")  # the module; tilepass.backend is the function
