@@ -204,15 +204,6 @@ def _routed_graphs(model, inputs, **options):
     return out, graphs
 
 
-def _on_aot_eager_unless_simd(request):
-    """Routing cases run the routed graph on aot_eager (conftest.routed_graph_on_aot_eager),
-    except the one marked simd: a model whose flex call has a score_mod (softcap) and a mask_mod
-    reading a captured tensor (padding), compiled by inductor. Inductor's flex kernel itself
-    (lengths, padding, GQA): test_compiled_flex_matches_sdpa_at_every_call."""
-    if request.node.get_closest_marker("simd") is None:
-        request.getfixturevalue("routed_graph_on_aot_eager")
-
-
 def _route_and_compare(arch, impl, pad, pattern):
     """Route a tiny model's attention to flex in eval; its logits equal the unrouted model's
     (float32, on positions with a key to attend to); no [Q, KV] tensor and no SDPA are left."""
@@ -239,11 +230,9 @@ def _route_and_compare(arch, impl, pad, pattern):
 @pytest.mark.parametrize("arch,pad,pattern", [
     # an unpadded causal mask: is_causal (transformers 5.24), or a mask folded to kv <= q (5.17)
     ("llama", False, {"causal", "mask(kv_idx,q_idx)"}), ("llama", True, "mask(b,kv_idx,q_idx)"),
-    ("mistral", False, "mask(kv_idx,q_idx)"),
-    ("mistral", True, "mask(b,kv_idx,q_idx)"),
+    ("mistral", False, "mask(kv_idx,q_idx)"), ("mistral", True, "mask(b,kv_idx,q_idx)"),
 ])
-def test_eval_routing_matches_sdpa(request, arch, pad, pattern):
-    _on_aot_eager_unless_simd(request)
+def test_eval_routing_matches_sdpa(routed_graph_on_aot_eager, arch, pad, pattern):
     _route_and_compare(arch, "sdpa", pad, pattern)
 
 
@@ -252,10 +241,12 @@ def test_eval_routing_matches_sdpa(request, arch, pad, pattern):
     ("gemma2", False, "eager+softcap(50)+mask(kv_idx,q_idx)"),
     ("llama", True, "eager+mask(b,kv_idx,q_idx)"),
 ])
-def test_eager_attention_form_is_routed(request, arch, pad, pattern):
+def test_eager_attention_form_is_routed(routed_graph_on_aot_eager, arch, pad, pattern):
     """softmax(q @ repeat_kv(k)^T * scale [, tanh softcap] + where(mask, 0, min)) @ v: the
-    softcap becomes a score_mod, the additive mask a mask_mod, repeat_kv becomes GQA."""
-    _on_aot_eager_unless_simd(request)
+    softcap becomes a score_mod, the additive mask a mask_mod, repeat_kv becomes GQA. On
+    aot_eager (conftest.routed_graph_on_aot_eager) except the case marked simd, compiled by
+    inductor: a score_mod and a mask_mod reading a captured tensor. Inductor's flex kernel
+    itself (lengths, padding, GQA): test_compiled_flex_matches_sdpa_at_every_call."""
     _route_and_compare(arch, "eager", pad, pattern)
 
 
@@ -451,11 +442,10 @@ def test_mask_ops_recorded_as_tensor_dunders_are_lifted():
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_packed_documents_are_routed(request, impl):
+def test_packed_documents_are_routed(routed_graph_on_aot_eager, impl):
     """Packed sequences: position_ids restart at each document; transformers turns the
     restarts into document ids, and the lifted mask gathers them (no attention across
     documents). Outputs equal the unrouted model's."""
-    _on_aot_eager_unless_simd(request)
     model = tiny_model("llama", attn_implementation=impl, num_hidden_layers=1).eval()
     ids = torch.randint(3, 128, (2, 150))
     lengths = [[60, 50, 40], [100, 50]]
@@ -796,8 +786,8 @@ def test_plain_causal_llama_trains_through_sdpa_in_checkpointed_layers(routed_gr
     """A transformers Llama with layer checkpointing (the benchmark's setting: under compile
     it builds a dense mask from positions): both sites go to SDPA is_causal, the MLPs are
     tiled, and a float64 training step matches eager (to the tolerance test_hf_models uses
-    against eager: transformers' RoPE is float32, and inductor fuses it differently; the
-    float64-exact check is test_plain_causal_trains_on_sdpa_exactly). The same step compiled by
+    against eager: transformers' RoPE is float32; the float64-exact check is
+    test_plain_causal_trains_on_sdpa_exactly). On aot_eager; the same step compiled by
     inductor: test_save_attention.test_saved_attention_in_a_checkpointed_llama."""
     from conftest import assert_close_results, checkpointed_llama_step, train_step
 
