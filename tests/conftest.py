@@ -52,58 +52,19 @@ def _fresh_tilepass():
     tilepass.reset()
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
-def pytest_collection_modifyitems(config, items):
-    """Every simd test in one xdist group (pyproject: --dist loadgroup), so one worker runs
-    them, all in one child pytest (pytest_pyfunc_call)."""
-    for item in items:
-        if item.get_closest_marker("simd") is not None:
-            item.add_marker(pytest.mark.xdist_group("simd"))
-
-
-_SIMD_RESULTS = {}  # (module file, test name) -> (outcome, message), from the child's JUnit XML
-
-
-def _run_simd_tests_in_a_child(session):
-    """Every simd test this session selected, in one child pytest with inductor's vector
-    ISA on: one interpreter start and one warm-up of inductor instead of one per test."""
-    import subprocess
-    import sys
-    import tempfile
-    import xml.etree.ElementTree as ET
-
-    items = [i for i in session.items if i.get_closest_marker("simd") is not None]
-    nodeids = [i.nodeid.split("@simd")[0] for i in items]  # xdist's loadgroup suffix
-    env = dict(os.environ, TILEPASS_TEST_SIMD="1")
-    env.pop("TORCHINDUCTOR_VEC_ISA_OK")
-    with tempfile.TemporaryDirectory() as tmp:
-        xml = os.path.join(tmp, "simd.xml")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *nodeids]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=session.config.rootpath, timeout=1800)
-        log = f"{' '.join(cmd)} (vector ISA on):\n{res.stdout[-6000:]}{res.stderr[-2000:]}"
-        cases = ET.parse(xml).getroot().iter("testcase") if os.path.exists(xml) else []
-        for case in cases:
-            module = case.get("classname", "").rsplit(".", 1)[-1] + ".py"
-            problem = next(iter(case), None)  # <failure>, <error> or <skipped>, if any
-            if problem is None:
-                _SIMD_RESULTS[module, case.get("name")] = ("passed", "")
-            else:
-                _SIMD_RESULTS[module, case.get("name")] = (problem.tag, f"{problem.get('message')}\n{problem.text or ''}")
-    for item in items:  # a test the child did not report fails with the child's log
-        _SIMD_RESULTS.setdefault((item.path.name, item.name), ("error", log))
-
-
 def pytest_pyfunc_call(pyfuncitem):
-    """A test marked simd, in a SIMD-free process: pass, fail or skip as it did in the child
-    pytest that ran every simd test with inductor's vector ISA on."""
+    """A test marked simd, in a SIMD-free process: run it in a child pytest with inductor's
+    vector ISA on, and pass or fail with it."""
     if pyfuncitem.get_closest_marker("simd") is None or _SIMD_CHILD or os.environ.get("TORCHINDUCTOR_VEC_ISA_OK") != "0":
         return None
-    if not _SIMD_RESULTS:
-        _run_simd_tests_in_a_child(pyfuncitem.session)
-    outcome, message = _SIMD_RESULTS[pyfuncitem.path.name, pyfuncitem.name]
-    if outcome == "skipped":
-        pytest.skip(message)
-    assert outcome == "passed", f"in the child pytest with the vector ISA on ({outcome}):\n{message}"
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TILEPASS_TEST_SIMD="1")
+    env.pop("TORCHINDUCTOR_VEC_ISA_OK")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=pyfuncitem.config.rootpath, timeout=600)
+    assert res.returncode == 0, f"{' '.join(cmd)} (vector ISA on) failed:\n{res.stdout[-6000:]}{res.stderr[-2000:]}"
     return True
 
 

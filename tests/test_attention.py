@@ -51,33 +51,37 @@ def test_length_multiple_per_version_and_device(monkeypatch, version, device, mu
 
 
 @pytest.mark.simd  # compiles flex attention for the CPU (conftest.py)
-@pytest.mark.parametrize("multiple,seq", [(128, 40), (128, 77), (128, 200), (None, 128)])
-def test_compiled_flex_matches_sdpa_at_every_call(monkeypatch, multiple, seq):
+def test_compiled_flex_matches_sdpa_at_every_call(monkeypatch):
     """The CPU flex kernel (torch 2.13) got some rows wrong, at random, in about one call
     in five at lengths below 128 that are 8 mod 16 (40 here): the runtime pads lengths to a
     multiple of 128 on CPU. Twenty calls with fresh inputs must all match SDPA (a padded
-    batch and GQA, the padded row's queries included once they see a key). Without the
-    padding (multiple None) length 40 fails this test, and so does padding to 48."""
+    batch and GQA, the padded row's queries included once they see a key), at lengths 40,
+    77 and 200 padded to 128 and at 128 unpadded. Without the padding (multiple None)
+    length 40 fails this test, and so does padding to 48. The lengths run one after the
+    other in one test: a simd test starts a pytest process of its own (conftest.py)."""
     from tilepass.attention_runtime import flex_sdpa, register_mask
 
-    monkeypatch.setattr(flex_versions, "length_multiple", lambda device_type: multiple)
     register_mask("test_padded_causal", lambda b, h, q_idx, kv_idx, keep: (kv_idx <= q_idx) & keep[b, kv_idx])
 
     def attend(q, k, v, keep):
         return flex_sdpa(q, k, v, [keep.to(torch.bool)], mask_key="test_padded_causal", causal=False, scale=0.25,
                          enable_gqa=True, per_batch=True, per_head=False)
 
-    compiled = torch.compile(attend, dynamic=False)
-    keep = torch.ones(2, seq, dtype=torch.long)
-    keep[1, :5] = 0
-    dense = torch.ones(seq, seq, dtype=torch.bool).tril() & keep.bool()[:, None, None, :]
-    for _ in range(20):
-        q, k, v = torch.randn(2, 4, seq, 16), torch.randn(2, 2, seq, 16), torch.randn(2, 2, seq, 16)
-        want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.25, enable_gqa=True)
-        with torch.no_grad():
-            got = compiled(q, k, v, keep)
-        assert got.shape == want.shape
-        torch.testing.assert_close(got[:, :, 5:], want[:, :, 5:], rtol=1e-5, atol=1e-5)
+    for multiple, seq in [(128, 40), (128, 77), (128, 200), (None, 128)]:
+        monkeypatch.setattr(flex_versions, "length_multiple", lambda device_type, multiple=multiple: multiple)
+        torch._dynamo.reset()  # a fresh compile reads the multiple
+        compiled = torch.compile(attend, dynamic=False)
+        keep = torch.ones(2, seq, dtype=torch.long)
+        keep[1, :5] = 0
+        dense = torch.ones(seq, seq, dtype=torch.bool).tril() & keep.bool()[:, None, None, :]
+        for call in range(20):
+            q, k, v = torch.randn(2, 4, seq, 16), torch.randn(2, 2, seq, 16), torch.randn(2, 2, seq, 16)
+            want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.25, enable_gqa=True)
+            with torch.no_grad():
+                got = compiled(q, k, v, keep)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got[:, :, 5:], want[:, :, 5:], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"length {seq}, padded to a multiple of {multiple}, call {call}: {m}")
 
 
 def test_version_table_rejects_old_torch():
