@@ -606,9 +606,10 @@ def test_static_kv_cache_writes_survive_the_rewrite(routed_graph_on_aot_eager):
         torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
 
 
-def test_routed_graphs_compile_once_per_mode():
-    """Routing happens inside the graph inductor compiles: calls with the same shapes reuse
-    it, and flipping train/eval compiles once per mode (Dynamo's guard), not per call."""
+def test_routed_graphs_compile_once_per_mode(routed_graph_on_aot_eager):
+    """Routing happens inside the graph handed to inductor (here run on aot_eager: Dynamo's
+    compile count is the point): calls with the same shapes reuse it, and flipping
+    train/eval compiles once per mode (Dynamo's guard), not per call."""
     model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=1).eval()
     compiles = []
 
@@ -1048,7 +1049,7 @@ def test_a_scale_from_the_graph_is_declined_not_a_crash(routed_graph_on_aot_eage
     assert [r.reason for r in ctx.records] == [
         "the softmax scale is a value of the graph, not a constant (dynamic=True makes module floats graph inputs); "
         "use dynamic=None or False"]
-    model = tiny_model("llama", attn_implementation="sdpa").eval()
+    model = tiny_model("llama", attn_implementation="sdpa", num_hidden_layers=1).eval()
     ids = torch.randint(3, 128, (2, 14))
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend="tilepass", dynamic=True)(input_ids=ids, use_cache=False).logits,
@@ -1092,7 +1093,7 @@ def test_default_head_groups(query_bytes, kv_heads, groups):
     assert default_head_groups(query_bytes, kv_heads) == groups
 
 
-def test_attention_head_groups_train_exactly_with_save_attention():
+def test_attention_head_groups_train_exactly_with_save_attention(routed_graph_on_aot_eager):
     """attention_head_groups=2 on a checkpointed GQA layer (4 query heads, 2 key/value
     heads) with save_attention: the site runs as two SDPA calls, one per key/value head
     with its two query heads; output and every gradient equal eager at 1e-10 in float64."""
