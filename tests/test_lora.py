@@ -17,8 +17,11 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 MLP_ONLY = ["gate_proj", "up_proj", "down_proj"]
 
 
-def _peft_model(arch, targets, dropout=0.0, **overrides):
-    model = tiny_model(arch, **overrides).double()
+def _peft_model(arch, targets, dropout=0.0, layers=1, **overrides):
+    """One decoder layer unless asked: a second LoRA'd layer is tiled the same way (two:
+    test_with_the_loss_region_too, test_frozen_base_gets_no_gradient_computed_or_returned,
+    the MoE tests below)."""
+    model = tiny_model(arch, num_hidden_layers=layers, **overrides).double()
     torch.manual_seed(5)
     # init_lora_weights=False: lora_B is random too, so every adapter changes the output
     # and both A and B get non-trivial gradients.
@@ -70,7 +73,7 @@ def test_with_the_loss_region_too():
     """The defaults (the loss pass on): the LM head + loss is tiled next to the LoRA'd MLPs;
     transformers' float32 loss value to float32 rounding (as in test_loss.py), logits and
     every adapter gradient to 1e-10."""
-    model = _peft_model("llama", ALL_LINEAR)
+    model = _peft_model("llama", ALL_LINEAR, layers=2)
     inputs, weights = _inputs()
     want = train_step(model, inputs, weights)
     got = train_step(model, inputs, weights, call=torch.compile(model, backend="tilepass",
@@ -95,7 +98,7 @@ def test_lora_with_bias_and_a_trained_base():
 def test_frozen_base_gets_no_gradient_computed_or_returned(monkeypatch):
     """Only the adapters train: the tiled backward is told so, and returns nothing (an
     empty tensor, None to autograd) for a frozen weight."""
-    model = _peft_model("llama", MLP_ONLY)
+    model = _peft_model("llama", MLP_ONLY, layers=2)
     seen = []
     inner = runtime.run_tiled_backward
 
@@ -116,7 +119,7 @@ def test_frozen_base_gets_no_gradient_computed_or_returned(monkeypatch):
 
 def test_inductor_downstream():
     """One layer: a second compiles to the same kernels (two LoRA'd layers: the tests above)."""
-    model = _peft_model("qwen3", MLP_ONLY, num_hidden_layers=1)
+    model = _peft_model("qwen3", MLP_ONLY)
     inputs, weights = _inputs()
     plain = train_step(model, inputs, weights, call=torch.compile(model, backend="inductor"))
     tilepass.reset()
@@ -140,7 +143,8 @@ def test_lora_dropout_one_tile_draws_exactly_the_eager_masks(kind):
     torch.manual_seed(123)
     got = train_step(model, inputs, weights, call=compiled)
     assert_close_results(got, want, rtol=1e-10, atol=1e-10)
-    assert [r.tiles for r in rewritten(kind)] == [1, 1] and not rejected(kind)
+    layers = model.base_model.model.config.num_hidden_layers
+    assert [r.tiles for r in rewritten(kind)] == [1] * layers and not rejected(kind)
 
 
 def test_lora_dropout_recompute_replays_the_forward_masks():
